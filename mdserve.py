@@ -581,6 +581,7 @@ class NoteHandler(BaseHTTPRequestHandler):
 
     server_version = "mdserve/" + __version__
     protocol_version = "HTTP/1.1"
+    default_request_version = "HTTP/1.0"  # so even a garbled request line gets a status line
     disable_nagle_algorithm = True  # never wait ~40 ms for an ACK before the next response
     wbufsize = 64 * 1024             # headers and body leave in one send; handle_one_request flushes
 
@@ -753,7 +754,8 @@ class NoteHandler(BaseHTTPRequestHandler):
             if has_links:
                 article = WIKI_PLACEHOLDER.sub(lambda m: self.wiki_link(m, rel), article)
             folder = rel.rpartition("/")[0]
-            body = self.page(f"{note.title} · {self.folder_name(folder)}", article, folder, etag=etag)
+            body = self.page(f"{note.title} · {self.folder_name(folder)}", article + self.footer(note, rel),
+                             folder, etag=etag)
             if gzip_ok and len(body) >= 1024:
                 body = gzip.compress(body, 6, mtime=0)
             if self.key is None and not has_links:  # wiki targets may change without this file changing
@@ -763,17 +765,19 @@ class NoteHandler(BaseHTTPRequestHandler):
         self.send_body(body, "text/html; charset=utf-8", headers=headers)
 
     def render_article(self, note, rel):
-        """Return the article HTML of a note, with its contents and a footer."""
-        quoted = html.escape(quote_url(rel.rpartition("/")[2]))
+        """Return the article HTML of a note: contents, then the rendered markdown."""
         if note.too_large:
-            article = (f"<h1>{html.escape(note.title)}</h1><p>This note is {note.size / 2**20:.1f} MB, more "
-                       f"than this server renders. <a href=\"{quoted}?raw\">Download it as text</a>.</p>")
-        else:
-            body, toc = render_markdown(note.text)
-            article = toc + body
+            quoted = html.escape(quote_url(rel.rpartition("/")[2]))
+            return (f"<article><h1>{html.escape(note.title)}</h1><p>This note is {note.size / 2**20:.1f} MB, "
+                    f"more than this server renders. <a href=\"{quoted}?raw\">Download it as text</a>.</p></article>")
+        body, toc = render_markdown(note.text)
+        return f"<article>{toc}{body}</article>"
+
+    def footer(self, note, rel):
+        """Return the small print under a note: its file, when it changed, its raw text."""
         modified = time.strftime("%Y-%m-%d %H:%M", time.localtime(note.mtime_ns / 1e9))
-        return (f'<article>{article}</article><p class="meta">{html.escape(rel)} · modified {modified} · '
-                f'<a href="{quoted}?raw" data-raw>raw</a></p>')
+        raw = html.escape(quote_url(rel.rpartition("/")[2]) + "?raw" + self.key_query().replace("?", "&"))
+        return f'<p class="meta">{html.escape(rel)} · modified {modified} · <a href="{raw}">raw</a></p>'
 
     def wiki_link(self, match, rel):
         """Return the link for one [[wiki link]] placeholder, or broken text."""

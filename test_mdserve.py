@@ -1,0 +1,587 @@
+"""Tests for mdserve: a real server on 127.0.0.1, port 0, real files, real sockets."""
+
+import gzip
+import hashlib
+import http.client
+import io
+import os
+import re
+import shutil
+import signal
+import socket
+import ssl
+import subprocess
+import sys
+import threading
+import time
+import urllib.parse
+
+import pytest
+
+import mdserve
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SECRET = "s3cr3t-marmalade-body"
+CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser") or shutil.which("google-chrome")
+
+
+class Response:
+    def __init__(self, status, headers, body):
+        self.status, self.headers, self.body = status, headers, body
+        self.text = body.decode("utf-8", "replace")
+
+    def header(self, name):
+        return self.headers.get(name.lower())
+
+
+class Client:
+    """Talks HTTP to one running server; keeps what it logs."""
+
+    def __init__(self, server, root, log):
+        self.server, self.root, self.log = server, root, log
+        self.port = server.server_address[1]
+
+    def get(self, path, method="GET", headers=None):
+        connection = http.client.HTTPConnection("127.0.0.1", self.port, timeout=10)
+        try:
+            connection.request(method, path, headers=headers or {})
+            response = connection.getresponse()
+            body = response.read()
+            return Response(response.status, {k.lower(): v for k, v in response.getheaders()}, body)
+        finally:
+            connection.close()
+
+    def raw(self, data, timeout=5):
+        """Send bytes as they are; return every byte the server answers before closing."""
+        with socket.create_connection(("127.0.0.1", self.port), timeout=timeout) as sock:
+            sock.sendall(data)
+            chunks = []
+            try:
+                while True:
+                    chunk = sock.recv(65536)
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+            except socket.timeout:
+                pass
+            return b"".join(chunks)
+
+    def write(self, rel, content):
+        path = os.path.join(self.root, rel)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        mode = "wb" if isinstance(content, bytes) else "w"
+        with open(path, mode, **({} if isinstance(content, bytes) else {"encoding": "utf-8", "newline": ""})) as f:
+            f.write(content)
+        return path
+
+
+@pytest.fixture
+def serve(tmp_path):
+    """Start a server on a folder of notes; yields a function (files, **settings) -> Client."""
+    started = []
+
+    def start(files=None, **settings):
+        root = str(tmp_path / "notes")
+        os.makedirs(root, exist_ok=True)
+        log = io.StringIO()
+        server = mdserve.make_server(root, log=log, **settings)
+        client = Client(server, root, log)
+        for rel, content in (files or {}).items():
+            client.write(rel, content)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        started.append((server, thread))
+        return client
+
+    yield start
+    for server, thread in started:
+        server.shutdown()
+        server.server_close()
+        thread.join(5)
+
+
+NOTES = {
+    "index.md": "# Home\n\nWelcome.\n",
+    "plain.md": "# Plain note\n\nSome public text about gardening.\n\n[other](sub/deep.md#part)\n",
+    "sub/deep.md": "# Deep\n\n## Part\n\nBelow the surface.\n",
+    "sub/pic.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 64,
+    "private.md": f"password: 1234\n# Hidden plans\n\n{SECRET}\n",
+}
+
+
+def main_of(response):
+    """The page's <main> part: what the note or listing put there, without the template."""
+    return response.text.split("<main>", 1)[1].split("</main>", 1)[0]
+
+
+def assert_no_secret(response, *secrets):
+    everything = response.body + repr(response.headers).encode()
+    for secret in secrets or (SECRET, "Hidden plans", "1234"):
+        assert secret.encode() not in everything, f"{secret!r} leaked"
+
+
+# URL -> file ##################################################################
+
+@pytest.mark.parametrize("path", ["/plain", "/plain.md", "/sub/deep", "/sub/deep.md"])
+def test_note_renders_with_or_without_md_suffix(serve, path):
+    client = serve(NOTES)
+    response = client.get(path)
+    assert response.status == 200
+    assert response.header("Content-Type") == "text/html; charset=utf-8"
+    assert "<h1" in response.text and ("Plain note" in response.text or "Deep" in response.text)
+
+
+def test_folder_without_slash_redirects_keeping_query(serve):
+    client = serve(NOTES)
+    response = client.get("/sub?q=surface&x=1")
+    assert response.status == 301
+    assert response.header("Location") == "/sub/?q=surface&x=1"
+    assert response.body == b""
+
+
+@pytest.mark.parametrize("path", ["//evil.example", "//evil.example/", "/%2Fevil.example", "///evil.example"])
+def test_redirect_never_points_off_site(serve, path):
+    client = serve({"evil.example/a.md": "# A\n"})
+    response = client.get(path)
+    assert response.status in (200, 301)
+    location = response.header("Location") or ""
+    assert not location.startswith("//") and "://" not in location
+    if response.status == 301:
+        assert location == "/evil.example/"
+
+
+def test_folder_renders_index_md(serve):
+    client = serve(NOTES)
+    response = client.get("/")
+    assert response.status == 200 and "Welcome." in response.text
+
+
+def test_folder_renders_readme_when_no_index(serve):
+    client = serve({"docs/README.md": "# Docs readme\n\nRead me first.\n", "docs/a.md": "# A\n"})
+    response = client.get("/docs/")
+    assert response.status == 200 and "Read me first." in response.text
+
+
+def test_folder_listing_sorted_folders_first_notes_by_title(serve):
+    client = serve({"f/b.md": "# Alpha title\n", "f/a.md": "# Zulu title\n", "f/zdir/x.md": "# X\n",
+                    "f/adir/y.md": "# Y\n", "f/untitled-note.md": "no heading here\n"})
+    response = client.get("/f/")
+    assert response.status == 200
+    text = response.text
+    order = [text.index(s) for s in ("adir/", "zdir/", "Alpha title", "untitled-note", "Zulu title")]
+    assert order == sorted(order)
+    assert "b.md" in text  # the file name in small print
+
+
+def test_static_file_served_with_guessed_type_and_nosniff(serve):
+    client = serve(NOTES)
+    response = client.get("/sub/pic.png")
+    assert response.status == 200
+    assert response.header("Content-Type") == "image/png"
+    assert response.header("X-Content-Type-Options") == "nosniff"
+    assert response.body == NOTES["sub/pic.png"]
+
+
+def test_large_static_file_is_streamed_whole(serve):
+    data = os.urandom(3 * 1024 * 1024)
+    client = serve({"big.bin": data})
+    response = client.get("/big.bin")
+    assert response.status == 200 and response.body == data
+    assert response.header("Content-Length") == str(len(data))
+
+
+def test_non_ascii_and_encoded_names(serve):
+    client = serve({"Übersicht.md": "# Übersicht\n\nGrüße.\n", "with space.md": "# Spaced\n"})
+    assert "Grüße" in client.get("/" + urllib.parse.quote("Übersicht.md")).text
+    assert client.get("/" + urllib.parse.quote("Übersicht")).status == 200
+    assert client.get("/with%20space").status == 200
+    listing = client.get("/")
+    assert urllib.parse.quote("Übersicht.md") in listing.text and "Spaced" in listing.text
+
+
+def test_relative_links_resolve_like_github(serve):
+    client = serve(NOTES)
+    page = client.get("/plain.md")
+    assert 'href="sub/deep.md#part"' in page.text
+    target = client.get(urllib.parse.urljoin("/plain.md", "sub/deep.md"))
+    assert target.status == 200 and 'id="part"' in target.text
+
+
+def test_trailing_slash_on_a_file_is_404(serve):
+    client = serve(NOTES)
+    assert client.get("/plain.md/").status == 404
+
+
+# Hostile paths ################################################################
+
+HOSTILE = ["/../../../../etc/passwd", "/%2e%2e/%2e%2e/etc/passwd", "/..%2f..%2fetc%2fpasswd",
+           "/..%5c..%5cetc%5cpasswd", "/%252e%252e%252fetc%252fpasswd", "/sub/../../outside.md",
+           "/%2e%2e%2foutside.md", "//etc/passwd", "/etc/passwd", "/./../outside.md", "/.%2e/outside.md",
+           "/outside.md%00.md", "/%00", "/.env", "/.git/config", "/sub/.hidden.md", "/%2egit/config",
+           "/.git", "/sub/%2e%2e/%2e%2e/outside.md", "/link-out", "/link-out.md", "/linkdir/secret.md",
+           "/%ff%fe", "/C:%5cWindows", "/sub/..%c0%af..%c0%afoutside.md"]
+
+
+@pytest.mark.parametrize("path", HOSTILE)
+def test_hostile_path_is_refused(serve, tmp_path, path):
+    outside = tmp_path / "outside.md"
+    outside.write_text("# Outside\n\nOUTSIDE-TEXT\n")
+    (tmp_path / "outsidedir").mkdir()
+    (tmp_path / "outsidedir" / "secret.md").write_text("OUTSIDE-TEXT in a folder\n")
+    client = serve(dict(NOTES, **{".env": "TOKEN=OUTSIDE-TEXT\n", ".git/config": "OUTSIDE-TEXT\n",
+                                  "sub/.hidden.md": "OUTSIDE-TEXT\n"}))
+    os.symlink(outside, os.path.join(client.root, "link-out.md"))
+    os.symlink(tmp_path / "outsidedir", os.path.join(client.root, "linkdir"))
+    answer = client.raw(f"GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n".encode())
+    status = int(answer.split(b" ", 2)[1])
+    assert status in (400, 403, 404)
+    assert b"OUTSIDE-TEXT" not in answer and b"root:" not in answer
+    assert str(tmp_path).encode() not in answer
+
+
+def test_symlinks_out_of_folder_are_not_listed_or_searched(serve, tmp_path):
+    outside = tmp_path / "outside.md"
+    outside.write_text("# Outside\n\nOUTSIDE-TEXT\n")
+    client = serve(NOTES)
+    os.symlink(outside, os.path.join(client.root, "sub", "link-out.md"))
+    listing = client.get("/sub/")
+    assert listing.status == 200 and "deep.md" in main_of(listing) and "link-out" not in main_of(listing)
+    listing = client.get("/?q=OUTSIDE")
+    assert "OUTSIDE-TEXT" not in listing.text and "link-out" not in listing.text
+
+
+def test_fifo_is_not_served(serve):
+    client = serve(NOTES)
+    os.mkfifo(os.path.join(client.root, "sub", "pipe.md"))
+    assert client.get("/sub/pipe.md").status == 404
+    listing = client.get("/sub/")
+    assert listing.status == 200 and "deep.md" in main_of(listing) and "pipe" not in main_of(listing)
+
+
+def test_dotfiles_are_not_listed_or_searched(serve):
+    client = serve({"a.md": "# A\n\nfindme\n", ".secret.md": "# Dot\n\nfindme DOTTED\n", ".dir/b.md": "findme DOTTED\n"})
+    listing = main_of(client.get("/"))
+    assert ".secret" not in listing and ".dir" not in listing and "a.md" in listing
+    search = client.get("/?q=findme")
+    assert "DOTTED" not in search.text and "/a.md" in search.text
+
+
+# Rendering ####################################################################
+
+def test_markdown_extensions_render(serve):
+    note = ("# Title\n\n| a | b |\n|---|---|\n| 1 | 2 |\n\n```python\nx = 1\n```\n\nfoot[^1]\n\n"
+            "[^1]: the note\n\n## Section Two\n\nTerm\n:   Definition\n\n*[HTML]: Hyper\n\nHTML here {: .klass}\n")
+    client = serve({"n.md": note})
+    text = client.get("/n").text
+    assert "<table>" in text and "<td>1</td>" in text
+    assert "<code" in text and "x" in text
+    assert 'class="footnote' in text
+    assert 'id="section-two"' in text
+    assert "<dl>" in text and "<abbr" in text
+
+
+def test_title_is_first_heading_else_file_name(serve):
+    client = serve({"a.md": "intro\n\n## Second level first\n", "b-name.md": "no heading\n",
+                    "c.md": "```\n# not a heading\n```\n# Real\n"})
+    assert "<title>Second level first · notes</title>" in client.get("/a").text
+    assert "<title>b-name · notes</title>" in client.get("/b-name").text
+    assert "<title>Real · notes</title>" in client.get("/c").text
+
+
+def test_hostile_file_name_is_escaped(serve):
+    name = "<img src=x onerror=alert(1)>.md"
+    client = serve({name: "no heading\n"})
+    listing = client.get("/")
+    assert "<img src=x" not in listing.text and "&lt;img src=x onerror=alert(1)&gt;" in listing.text
+    page = client.get("/" + urllib.parse.quote(name))
+    assert page.status == 200 and "<img src=x" not in page.text.split("<main>")[0]
+
+
+@pytest.mark.parametrize("content", [b"\xff\xfe\xfa bad utf8 \xc3(\n", b"\x00\x01\x02binary\x00", b""])
+def test_invalid_binary_or_empty_note_still_gets_a_page(serve, content):
+    client = serve({"odd.md": content})
+    response = client.get("/odd.md")
+    assert response.status == 200 and "<main>" in response.text
+
+
+def test_html_responses_carry_csp_and_no_referrer(serve):
+    client = serve(NOTES)
+    for path in ["/", "/plain", "/sub/", "/missing", "/private.md", "/?q=x"]:
+        response = client.get(path)
+        csp = response.header("Content-Security-Policy")
+        directives = dict(d.strip().split(" ", 1) for d in csp.split(";"))
+        assert directives["default-src"] == "'none'" and "unsafe" not in directives["script-src"]
+        assert directives["script-src"].startswith("'sha256-") and directives["img-src"] == "'self' data:"
+        assert response.header("Referrer-Policy") == "no-referrer"
+
+
+def test_raw_html_is_kept(serve):
+    client = serve({"h.md": "# H\n\n<details><summary>More</summary>inside</details>\nline<br>break\n"})
+    text = client.get("/h").text
+    assert "<details><summary>More</summary>" in text and "<br>" in text
+
+
+# Private notes ################################################################
+
+def test_private_note_without_key_is_403_with_key_form(serve):
+    client = serve(NOTES)
+    for method in ("GET", "HEAD"):
+        response = client.get("/private.md", method=method)
+        assert response.status == 403
+        assert_no_secret(response)
+    body = client.get("/private.md")
+    assert 'name="access_key"' in body.text and 'method="get"' in body.text
+    assert body.header("Cache-Control") == "no-store"
+
+
+@pytest.mark.parametrize("key", ["12345", "123", "", "1234%20", "%201234", "abcd", "0000&access_key=1234"])
+def test_private_note_with_wrong_key_is_403(serve, key):
+    client = serve(NOTES)
+    response = client.get("/private.md?access_key=" + key)
+    assert response.status == 403
+    assert_no_secret(response, SECRET, "Hidden plans")
+
+
+def test_private_note_with_right_key_is_shown_without_password_line(serve):
+    client = serve(NOTES)
+    response = client.get("/private.md?access_key=1234")
+    assert response.status == 200 and SECRET in response.text
+    assert "password:" not in response.text.lower()
+    assert response.header("Cache-Control") == "no-store"
+
+
+def test_key_is_case_sensitive(serve):
+    client = serve({"p.md": "password: AbC\n# P\n\n" + SECRET})
+    assert client.get("/p?access_key=abc").status == 403
+    assert client.get("/p?access_key=ABC").status == 403
+    assert client.get("/p?access_key=AbC").status == 200
+
+
+@pytest.mark.parametrize("content", ["password:\n# Locked\n" + SECRET, "password:   \r\n" + SECRET])
+def test_empty_password_locks_for_everyone(serve, content):
+    client = serve({"locked.md": content})
+    for path in ["/locked", "/locked?access_key=", "/locked?access_key=%20"]:
+        response = client.get(path)
+        assert response.status == 403
+        assert_no_secret(response, SECRET)
+
+
+@pytest.mark.parametrize("first_line", ["password: 1234\r\n", "\ufeffpassword: 1234\n", "Password: 1234\n",
+                                        "PASSWORD:1234\n", "  password: 1234  \n", "\ufeff  Password:  1234 \r\n"])
+def test_password_line_variants(serve, first_line):
+    client = serve({"p.md": first_line + "# Title\n\n" + SECRET + "\n"})
+    refused = client.get("/p.md")
+    assert refused.status == 403
+    assert_no_secret(refused, SECRET)
+    opened = client.get("/p.md?access_key=1234")
+    assert opened.status == 200 and SECRET in opened.text
+    assert "password" not in opened.text.lower()
+    assert 'href="p.md?raw&amp;access_key=1234"' in opened.text
+    raw = client.get("/p.md?raw&access_key=1234")
+    assert raw.status == 200 and "password" not in raw.text.lower() and SECRET in raw.text
+
+
+def test_password_must_be_the_first_line(serve):
+    client = serve({"p.md": "\npassword: 1234\n" + SECRET})
+    assert client.get("/p.md").status == 200
+
+
+def test_key_value_with_spaces_and_symbols(serve):
+    client = serve({"p.md": "password: a b&c=d\n" + SECRET})
+    assert client.get("/p.md?access_key=" + urllib.parse.quote("a b&c=d")).status == 200
+
+
+def test_private_notes_hidden_from_listing_without_key(serve):
+    client = serve({"x/a.md": "# A\n", "x/p.md": f"password: k\n# Hidden plans\n{SECRET}\n"})
+    for path in ["/x/", "/x/?access_key=wrong"]:
+        response = client.get(path)
+        assert response.status == 200 and "/x/a.md" not in main_of(response) and "a.md" in main_of(response)
+        assert "p.md" not in main_of(response)
+        assert_no_secret(response, SECRET, "Hidden plans")
+
+
+def test_private_notes_listed_with_lock_when_key_given(serve):
+    client = serve({"x/a.md": "# A\n", "x/p.md": "password: k\n# Hidden plans\n", "x/q.md": "password: other\n# Q\n"})
+    response = client.get("/x/?access_key=k")
+    assert "Hidden plans" in response.text and "class='lock'" in response.text
+    assert 'href="p.md?access_key=k"' in response.text
+    assert "q.md" not in response.text
+    assert response.header("Cache-Control") == "no-store"
+
+
+def test_head_matches_get_less_body(serve):
+    client = serve(NOTES)
+    for path in ["/plain", "/private.md", "/private.md?access_key=1234", "/sub/", "/sub/pic.png", "/nope"]:
+        get, head = client.get(path), client.get(path, method="HEAD")
+        assert head.status == get.status and head.body == b""
+        for name in ("content-type", "content-length", "etag", "cache-control"):
+            assert head.header(name) == get.header(name), (path, name)
+
+
+def test_conditional_request_never_confirms_private_note(serve):
+    client = serve(NOTES)
+    opened = client.get("/private.md?access_key=1234")
+    etag = opened.header("ETag")
+    assert etag
+    for headers in ({"If-None-Match": etag}, {"If-None-Match": "*"},
+                    {"If-Modified-Since": "Fri, 01 Jan 2100 00:00:00 GMT"}):
+        response = client.get("/private.md", headers=headers)
+        assert response.status == 403 and response.header("ETag") is None
+        assert response.header("Last-Modified") is None
+        assert_no_secret(response)
+        assert etag.encode() not in response.body
+    again = client.get("/private.md?access_key=1234", headers={"If-None-Match": etag})
+    assert again.status == 304 and again.header("Cache-Control") == "no-store"
+
+
+def test_key_is_redacted_in_log(serve):
+    client = serve(NOTES)
+    client.get("/private.md?access_key=1234")
+    client.get("/private.md?x=1&access_key=1234&y=2")
+    client.get("/private.md?access%5Fkey=1234")
+    client.raw(b"GET /private.md?access_key=1234 HTTP/9.9\r\n\r\n")
+    log = client.log.getvalue()
+    assert "1234" not in log and "access_key=***" in log
+
+
+def test_symlink_to_private_note_is_private(serve):
+    client = serve(NOTES)
+    os.symlink(os.path.join(client.root, "private.md"), os.path.join(client.root, "alias.md"))
+    os.symlink(os.path.join(client.root, "private.md"), os.path.join(client.root, "alias.txt"))
+    for path in ["/alias.md", "/alias", "/alias.txt", "/alias.md?raw"]:
+        response = client.get(path)
+        assert response.status == 403, path
+        assert_no_secret(response)
+    assert SECRET in client.get("/alias?access_key=1234").text
+
+
+def test_text_file_starting_with_password_line_is_private(serve):
+    client = serve({"keys.txt": "password: zz\n" + SECRET + "\n"})
+    response = client.get("/keys.txt")
+    assert response.status == 403
+    assert_no_secret(response, SECRET)
+    opened = client.get("/keys.txt?access_key=zz")
+    assert opened.status == 200 and opened.body == (SECRET + "\n").encode()
+
+
+# Errors #######################################################################
+
+@pytest.mark.parametrize("method,status", [("POST", 405), ("PUT", 405), ("DELETE", 405), ("BREW", 501)])
+def test_other_methods_are_refused_with_allow(serve, method, status):
+    client = serve(NOTES)
+    response = client.get("/plain", method=method)
+    assert response.status == status
+    assert response.header("Allow") == "GET, HEAD"
+    assert "<html" in response.text and "Traceback" not in response.text
+
+
+@pytest.mark.parametrize("request_line", [b"GARBAGE\r\n\r\n", b"GET\r\n\r\n", b"GET / HTTP/1.1 extra\r\n\r\n",
+                                          b"GET / HTTP/x.y\r\n\r\n", b"GET http://other.example/ HTTP/1.1\r\n\r\n"])
+def test_malformed_request_is_400(serve, request_line):
+    client = serve(NOTES)
+    answer = client.raw(request_line)
+    assert answer.startswith(b"HTTP/1.1 400") or answer.startswith(b"HTTP/1.0 400")
+    assert b"Traceback" not in answer and client.root.encode() not in answer
+
+
+def test_error_pages_are_short_html_without_file_system_path(serve):
+    client = serve(NOTES)
+    response = client.get("/no/such/note")
+    assert response.status == 404
+    assert response.header("Content-Type") == "text/html; charset=utf-8"
+    assert client.root not in response.text and len(response.body) < 8000
+
+
+# Command line #################################################################
+
+def run_cli(*args, timeout=20):
+    return subprocess.run([sys.executable, os.path.join(HERE, "mdserve.py"), *args],
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.mark.parametrize("args", [["/no/such/folder"], ["{file}"], ["-p", "99999"], ["-p", "abc"],
+                                  ["--bogus"], ["-b", "not-an-address"], ["--tls-cert", "x"]])
+def test_cli_errors_exit_2_with_one_line(tmp_path, args):
+    (tmp_path / "file.md").write_text("x")
+    args = [a.format(file=tmp_path / "file.md") for a in args]
+    result = run_cli(*args)
+    assert result.returncode == 2
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("mdserve: ")
+
+
+def test_cli_busy_port_exits_2(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        result = run_cli(str(tmp_path), "-b", "127.0.0.1", "-p", str(taken.getsockname()[1]))
+    assert result.returncode == 2 and "cannot listen" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_main_in_process_reports_bad_folder(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        mdserve.main(["/no/such/folder"])
+    assert exit_info.value.code == 2
+    assert "not a folder" in capsys.readouterr().err
+
+
+def test_help_lists_every_flag():
+    out = run_cli("--help").stdout
+    for flag in ["--port", "--bind", "--no-reload", "--cache-mb", "--max-note-mb", "--tls-cert", "--tls-key",
+                 "--max-connections", "--timeout"]:
+        assert flag in out
+
+
+def start_cli(folder, *args):
+    """Run mdserve.py as a user would; return (process, base URL, banner lines)."""
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "mdserve.py"), folder, "-p", "0", *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    lines = []
+    while True:
+        line = process.stdout.readline()
+        assert line, f"server ended: {process.stderr.read()}"
+        lines.append(line.rstrip())
+        if "Ctrl+C" in line:
+            break
+    url = re.search(r"https?://\S+", "\n".join(lines)).group(0)
+    return process, url, lines
+
+
+def test_banner_and_ctrl_c(tmp_path):
+    (tmp_path / "a.md").write_text("# A\n")
+    (tmp_path / "p.md").write_text("password: hunter2\n# P\n")
+    (tmp_path / "l.md").write_text("password:\n# L\n")
+    process, url, lines = start_cli(str(tmp_path), "-b", "127.0.0.1")
+    try:
+        banner = "\n".join(lines)
+        assert url.startswith("http://127.0.0.1:")
+        assert "1 public" in banner and "2 private" in banner and "hunter2" not in banner
+        assert "empty password" in banner and "l.md" in banner
+        port = int(url.rsplit(":", 1)[1].strip("/"))
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=5)
+        connection.request("GET", "/a")
+        assert connection.getresponse().status == 200
+        connection.close()
+    finally:
+        process.send_signal(signal.SIGINT)
+        out, err = process.communicate(timeout=10)
+    assert process.returncode == 0 and "Traceback" not in err
+
+
+def test_sigterm_stops_with_exit_0(tmp_path):
+    (tmp_path / "a.md").write_text("# A\n")
+    process, url, _ = start_cli(str(tmp_path), "-b", "127.0.0.1")
+    process.send_signal(signal.SIGTERM)
+    _, err = process.communicate(timeout=10)
+    assert process.returncode == 0 and "Traceback" not in err
+
+
+def test_banner_on_all_interfaces_shows_network_line(tmp_path):
+    process, url, lines = start_cli(str(tmp_path))
+    try:
+        assert "on this machine:  http://127.0.0.1:" in "\n".join(lines)
+        assert any("on your network" in line for line in lines)
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=10)
