@@ -120,15 +120,15 @@ th,td{border:1px solid var(--line);padding:.35em .75em}tr:nth-child(2n) td{backg
 img,video{max-width:100%;height:auto}hr{border:0;border-top:1px solid var(--line);margin:2em 0}
 blockquote{margin:1em 0;padding:0 1em;color:var(--muted);border-left:.25em solid var(--line)}
 mark{background:var(--mark);color:inherit;border-radius:2px}
-.toc{background:var(--soft);border:1px solid var(--line);border-radius:8px;padding:.4rem 1rem;
-margin:1rem 0;font-size:.92rem}.toc ul{margin:.2rem 0;padding-left:1.1rem}.toc summary{cursor:pointer}
+.contents{background:var(--soft);border:1px solid var(--line);border-radius:8px;padding:.4rem 1rem;
+margin:1rem 0;font-size:.92rem}.contents ul{margin:.2rem 0;padding-left:1.1rem}.contents summary{cursor:pointer}
 .list{list-style:none;padding:0}.list li{padding:.5rem 0;border-bottom:1px solid var(--line)}
 .list small,.meta{color:var(--muted);font-size:.8rem}.list p{margin:.2rem 0 0;font-size:.92rem}
 .list .dir a{font-weight:600}.lock{vertical-align:-2px;margin-right:.25rem;color:var(--muted)}
 .broken{color:var(--bad);text-decoration:underline dotted;cursor:help}
 .meta{margin-top:3rem;border-top:1px solid var(--line);padding-top:.6rem}
 form.key input{font:inherit;padding:.3rem .6rem;margin-right:.4rem}
-@media print{header,.meta,.headerlink,.toc{display:none}body{font-size:11pt;background:#fff;color:#000}
+@media print{header,.meta,.headerlink,.contents{display:none}body{font-size:11pt;background:#fff;color:#000}
 main{max-width:none;padding:0}pre,table{overflow:visible}a{color:inherit}}
 """
 
@@ -339,7 +339,7 @@ def render_markdown(text):
         token = stack.pop()
         headings += 1
         stack.extend(token["children"])
-    toc = f'<details class="toc" open><summary>Contents</summary>{md.toc}</details>' if headings >= 3 else ""
+    toc = f'<details class="contents" open><summary>Contents</summary>{md.toc}</details>' if headings >= 3 else ""
     return body, toc
 
 
@@ -829,7 +829,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         title = self.folder_name(folder)
         empty = "" if folders or notes else "<p>No notes here yet.</p>"
         main = f'<h1>{html.escape(title)}</h1><ul class="list">{"".join(rows)}</ul>{empty}'
-        self.send_generated(self.page(title, main, folder))
+        page_title = f"{title} · {self.folder_name('')}" if folder else title
+        self.send_generated(self.page(page_title, main, folder))
 
     def send_search(self, real, words):
         """Send the notes under a folder holding every word, title matches first."""

@@ -88,7 +88,7 @@ def serve(tmp_path):
         client = Client(server, root, log)
         for rel, content in (files or {}).items():
             client.write(rel, content)
-        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
         started.append((server, thread))
         return client
@@ -585,3 +585,188 @@ def test_banner_on_all_interfaces_shows_network_line(tmp_path):
     finally:
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=10)
+
+
+# Reading experience ###########################################################
+
+def test_listing_reads_like_a_table_of_contents(serve):
+    client = serve({"f/b.md": "# Beta\n", "f/sub/x.md": "# X\n"})
+    response = client.get("/f/")
+    main = main_of(response)
+    assert 'href="../"' in main and 'href="sub/"' in main and ">Beta</a>" in main
+    assert re.search(r"b\.md · \d{4}-\d\d-\d\d", main)
+    assert "<title>f · notes</title>" in response.text
+
+
+def test_breadcrumbs_link_every_level(serve):
+    client = serve({"a/b/c.md": "# C\n"})
+    crumbs = client.get("/a/b/c.md").text.split('<nav class="crumbs">')[1].split("</nav>")[0]
+    assert [m for m in re.findall(r'href="([^"]*)"', crumbs)] == ["/", "/a/", "/a/b/", "/a/b/c.md"]
+
+
+def test_table_of_contents_only_with_three_headings(serve):
+    client = serve({"three.md": "# One\n## Two\n### Three\n", "two.md": "# One\n## Two\n"})
+    three = client.get("/three").text
+    assert 'class="contents"' in three and 'href="#two"' in three
+    assert 'class="headerlink" href="#three"' in three
+    assert 'class="contents"' not in client.get("/two").text
+
+
+def test_search_ranks_title_matches_first_with_highlighted_snippets(serve):
+    client = serve({"a.md": "# Unrelated\n\nThe word kiwi appears <b>here</b> in the body.\n",
+                    "b.md": "# Kiwi farming\n\nAll about fruit.\n", "c.md": "# Other\n\nnothing\n"})
+    response = client.get("/?q=kiwi")
+    main = main_of(response)
+    assert response.status == 200
+    assert main.index("b.md") < main.index("a.md") and "c.md" not in main
+    assert "<mark>kiwi</mark>" in main and "&lt;b&gt;here&lt;/b&gt;" in main and "<b>here</b>" not in main
+
+
+def test_search_is_scoped_to_its_folder(serve):
+    client = serve({"a/x.md": "# X\n\nlychee\n", "b/y.md": "# Y\n\nlychee\n"})
+    main = main_of(client.get("/a/?q=lychee"))
+    assert "a/x.md" in main and "b/y.md" not in main
+    everywhere = main_of(client.get("/?q=lychee"))
+    assert "a/x.md" in everywhere and "b/y.md" in everywhere
+
+
+def test_search_sees_private_notes_only_with_their_key(serve):
+    client = serve({"p.md": f"password: k1\n# Hidden plans\n\nmango {SECRET}\n", "q.md": "# Public mango\n"})
+    refused = client.get("/?q=mango")
+    assert "q.md" in main_of(refused)
+    assert_no_secret(refused, SECRET, "Hidden plans", "p.md", "k1")
+    for query in ("/?q=s3cr3t", "/?q=password", "/?q=k1", "/?q=Hidden"):
+        assert_no_secret(client.get(query), SECRET, "Hidden plans", "p.md")
+    opened = client.get("/?q=mango&access_key=k1")
+    assert "p.md?access_key=k1" in opened.text and "Hidden plans" in opened.text
+    assert "password" not in main_of(opened).lower()
+    results = main_of(client.get("/?q=password&access_key=k1")).split('<ol class="list">')[1]
+    assert "password" not in results.lower() and "No notes" in main_of(client.get("/?q=password&access_key=k1"))
+
+
+def test_search_empty_query_lists_and_long_query_is_400(serve):
+    client = serve({"a.md": "# A\n"})
+    assert "a.md" in main_of(client.get("/?q="))
+    response = client.get("/?q=" + "x" * 1000)
+    assert response.status == 400 and "<html" in response.text
+
+
+def test_search_handles_punctuation_and_quotes(serve):
+    client = serve({"a.md": "# A\n\nC++ and \"quoted\" words\n"})
+    for query in ['"', "'", "*", "c++", "NEAR(", "a OR b", "-x", "^"]:
+        response = client.get("/?q=" + urllib.parse.quote(query))
+        assert response.status == 200, query
+
+
+def test_search_box_in_header(serve):
+    client = serve({"a/b.md": "# B\n"})
+    text = client.get("/a/b.md").text
+    assert '<form role="search" action="/a/" method="get">' in text and 'name="q"' in text
+
+
+def test_raw_view_is_plain_text_without_password_line(serve):
+    client = serve(NOTES)
+    raw = client.get("/plain.md?raw")
+    assert raw.status == 200 and raw.header("Content-Type") == "text/plain; charset=utf-8"
+    assert raw.text == NOTES["plain.md"]
+    refused = client.get("/private.md?raw")
+    assert refused.status == 403
+    assert_no_secret(refused)
+    opened = client.get("/private?raw&access_key=1234")
+    assert opened.text == f"# Hidden plans\n\n{SECRET}\n"
+
+
+def test_wiki_links_resolve_in_folder_first_then_anywhere(serve):
+    client = serve({"a/Target.md": "# Local\n", "b/Target.md": "# Far\n", "b/Elsewhere.md": "# E\n",
+                    "a/page.md": "[[Target]] [[Target|label here]] [[Elsewhere]] [[No Such]]\n"})
+    main = main_of(client.get("/a/page.md"))
+    assert '<a class="wikilink" href="/a/Target.md">Target</a>' in main
+    assert '<a class="wikilink" href="/a/Target.md">label here</a>' in main
+    assert '<a class="wikilink" href="/b/Elsewhere.md">Elsewhere</a>' in main
+    assert re.search(r'<span class="broken"[^>]*>No Such</span>', main)
+
+
+def test_wiki_link_to_private_note_needs_its_key(serve):
+    client = serve({"Secret Plans.md": f"password: k\n# Hidden plans\n{SECRET}\n",
+                    "page.md": "See [[Secret Plans]].\n"})
+    without = client.get("/page.md")
+    assert "Secret%20Plans" not in without.text and 'class="broken"' in main_of(without)
+    assert_no_secret(without, SECRET, "Hidden plans")
+    opened = main_of(client.get("/page.md?access_key=k"))
+    assert 'href="/Secret%20Plans.md?access_key=k"' in opened
+
+
+def test_live_reload_script_is_allowed_by_its_hash(serve):
+    client = serve({"a.md": "# A\n"})
+    response = client.get("/a.md")
+    script = re.search(r"<script data-etag=\"([^\"]+)\">(.*?)</script>", response.text, re.S)
+    digest = "sha256-" + __import__("base64").b64encode(hashlib.sha256(script.group(2).encode()).digest()).decode()
+    assert f"'{digest}'" in response.header("Content-Security-Policy")
+    etag = script.group(1).replace("&quot;", '"')
+    assert etag == response.header("ETag")
+    assert client.get("/a.md", method="HEAD", headers={"If-None-Match": etag}).status == 304
+    client.write("a.md", "# A changed\n")
+    assert client.get("/a.md", method="HEAD", headers={"If-None-Match": etag}).status == 200
+
+
+def test_no_reload_turns_the_script_off(serve):
+    client = serve({"a.md": "# A\n"}, reload=False)
+    response = client.get("/a.md")
+    assert "<script" not in response.text
+    assert "script-src 'none'" in response.header("Content-Security-Policy")
+
+
+def test_page_looks_right_on_phone_dark_and_print(serve):
+    client = serve({"a.md": "# A\n"})
+    text = client.get("/a.md").text
+    assert 'name="viewport"' in text and "prefers-color-scheme:dark" in text and "@media print" in text
+    assert 'rel="icon" href="data:image/svg+xml,' in text and "overflow-x:auto" in text
+
+
+# A real browser ###############################################################
+
+def chromium_dom(url, budget_ms=3000):
+    """Return the DOM headless Chromium ends with after loading url."""
+    profile = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mdserve-chromium-{os.getpid()}-{time.time_ns()}")
+    try:
+        result = subprocess.run(
+            [CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+             "--disable-background-networking", "--disable-component-update", "--disable-sync",
+             f"--user-data-dir={profile}", f"--virtual-time-budget={budget_ms}", "--dump-dom", url],
+            capture_output=True, text=True, timeout=90)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    return result.stdout
+
+
+needs_browser = pytest.mark.skipif(not CHROMIUM, reason="no chromium found (apt-get install chromium)")
+
+
+@needs_browser
+def test_browser_runs_no_script_from_a_note_and_loads_nothing_off_site(serve):
+    other = serve({"x.md": "# other origin\n"})   # another origin: it must see no request at all
+    client = serve({"n.md": f"# Safe title\n\n<script>document.title='PWNED'</script>\n\n"
+                            f"<img src=\"http://127.0.0.1:{other.port}/x.png\">\n\nbody text\n"})
+    dom = chromium_dom(f"http://127.0.0.1:{client.port}/n.md")
+    assert "<title>Safe title · notes</title>" in dom and "PWNED</title>" not in dom
+    assert "body text" in dom
+    assert other.log.getvalue() == ""
+    assert '"GET /n.md HTTP/1.1" 200' in client.log.getvalue()
+
+
+@needs_browser
+def test_browser_reloads_a_page_when_its_note_changes(serve):
+    client = serve({"live.md": "# Live\n\nversion one\n"})
+
+    class EditAfterFirstView(mdserve.NoteHandler):
+        def answer(self):
+            super().answer()
+            if self.path == "/live.md" and not getattr(client, "edited", False):
+                client.edited = True  # the page is out; now its note changes under it
+                client.write("live.md", "# Live\n\nversion two, longer\n")
+
+    client.server.RequestHandlerClass = EditAfterFirstView
+    dom = chromium_dom(f"http://127.0.0.1:{client.port}/live.md", budget_ms=5000)
+    assert "version two, longer" in dom and "version one" not in dom
+    log = client.log.getvalue()
+    assert '"HEAD /live.md HTTP/1.1" 200' in log and log.count('"GET /live.md HTTP/1.1" 200') == 2
