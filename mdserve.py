@@ -20,6 +20,7 @@ import argparse
 import base64
 import collections
 import email.utils
+import functools
 import gzip
 import hashlib
 import hmac
@@ -65,6 +66,7 @@ GUESS_LIMIT, GUESS_WINDOW, FIRST_LOCKOUT, LONGEST_LOCKOUT = 10, 60.0, 60.0, 900.
 KNOWN_METHODS = {"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 PASSWORD_LINE = re.compile(r"password:(.*)", re.IGNORECASE)
 HEADING = re.compile(r"#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*")
+REFUSED_PATH = re.compile(r"(^|/)\.(?!/|$)|[\\\0]")   # a dot-name, '..', a backslash or a NUL
 KEY_IN_LOG = re.compile(r"([?&;])([^=&;\s]*)=([^&;\s]*)")
 WIKI_LINK = r"\[\[([^\]|\n]+)(?:\|([^\]\n]+))?\]\]"
 WIKI_PLACEHOLDER = re.compile(r'<a data-wiki="([^"]*)">(.*?)</a>', re.S)
@@ -245,29 +247,37 @@ def guarded(root, path, forbidden=()):
     return real
 
 
-def locate(root, url_path, forbidden=()):
+def locate(root, url_path, forbidden=(), known=None):
     """Return (kind, real path, stat) that a URL path means: kind is note, folder or file.
 
     Raises HTTPError 404 for anything that is not there or must look as if it were not:
-    dot-names, '..', backslashes, NULs, paths outside root, fifos and devices.
+    dot-names, '..', backslashes, NULs, paths outside root, fifos and devices.  known, a
+    dict, remembers real paths already checked, trusted again only while the path still
+    leads to the same inode: one stat instead of an lstat per folder on the way.
     """
     try:
-        parts = [p for p in urllib.parse.unquote(url_path, errors="strict").split("/") if p not in ("", ".")]
+        decoded = urllib.parse.unquote(url_path, errors="strict")
     except UnicodeDecodeError:
         raise HTTPError(404) from None
-    if any(p.startswith(".") or "\\" in p or "\0" in p for p in parts):
+    if REFUSED_PATH.search(decoded):
         raise HTTPError(404)
-    path = os.path.join(root, *parts)
+    path = os.path.join(root, *[p for p in decoded.split("/") if p not in ("", ".")])
     candidates = [path] if url_path.endswith("/") else [path, path + ".md", path + ".markdown"]
+    known = {} if known is None else known
     for candidate in candidates:
-        real = guarded(root, candidate, forbidden)
         try:
-            status = os.stat(real) if real else None
+            status = os.stat(candidate)
         except OSError:
             continue
-        if status and stat.S_ISDIR(status.st_mode):
+        real, device, inode = known.get(candidate, (None, None, None))
+        if (device, inode) != (status.st_dev, status.st_ino):
+            real = guarded(root, candidate, forbidden)
+            if len(known) > 10000:
+                known.clear()
+            known[candidate] = (real, status.st_dev, status.st_ino)
+        if real and stat.S_ISDIR(status.st_mode):
             return "folder", real, status
-        if status and stat.S_ISREG(status.st_mode) and not url_path.endswith("/"):
+        if real and stat.S_ISREG(status.st_mode) and not url_path.endswith("/"):
             note = (candidate.lower().endswith(NOTE_SUFFIXES) or real.lower().endswith(NOTE_SUFFIXES))
             return ("note" if note else "file"), real, status
         break
@@ -276,7 +286,7 @@ def locate(root, url_path, forbidden=()):
 
 def relative(root, real):
     """Return the '/'-separated path of real below root ('' for root itself)."""
-    return real[len(os.path.join(root, "")):].replace(os.sep, "/") if real != root else ""
+    return real[len(root) + (not root.endswith(os.sep)):].replace(os.sep, "/") if real != root else ""
 
 
 def note_files(root, folder, forbidden=()):
@@ -567,12 +577,14 @@ class _DeadlineReader(socket.SocketIO):
     deadline, budget = None, math.inf
 
     def readinto(self, buffer):
-        if self.deadline is not None:
-            self._sock.settimeout(max(self.deadline - time.monotonic(), 0.001))
+        # Checked after each read, not by resetting the socket's timeout: settimeout() is a
+        # system call that drops the GIL, and every such handoff costs the hot path dearly.
         count = super().readinto(buffer)
         self.budget -= count or 0
         if self.budget < 0:
             raise HTTPError(431)
+        if self.deadline is not None and time.monotonic() > self.deadline:
+            raise TimeoutError("request not received in time")
         return count
 
 
@@ -614,7 +626,6 @@ class NoteHandler(BaseHTTPRequestHandler):
             if not self.parse_request():
                 return
             self.reader.deadline, self.reader.budget = None, math.inf
-            self.connection.settimeout(self.server.client_timeout)
             self.answer()
             self.wfile.flush()
         except HTTPError as error:  # the header budget ran out
@@ -631,20 +642,22 @@ class NoteHandler(BaseHTTPRequestHandler):
         if self.command not in ("GET", "HEAD"):
             self.close_connection = True
             return self.send_error(405 if self.command in KNOWN_METHODS else 501)
-        if self.headers.get("Transfer-Encoding") or self.headers.get("Content-Length", "0").strip() != "0":
+        if self.headers.get("transfer-encoding") or self.headers.get("content-length", "0").strip() != "0":
             self.close_connection = True  # a GET has no body; do not read one
             return self.send_error(413, explain="GET and HEAD requests take no body.")
-        with self.server.in_flight:
-            try:
-                self.route()
-            except HTTPError as error:
-                self.send_error(error.status, explain=error.explain, main=error.main, headers=error.headers)
-            except (ConnectionError, TimeoutError, socket.timeout, ssl.SSLError):
-                self.close_connection = True
-            except Exception as exc:  # a bug, or a file that changed mid-read: one request lost, not the server
-                self.log_error("internal error: %s", type(exc).__name__)
-                self.close_connection = True
-                self.send_error(500)
+        self.server.in_flight.add(self)  # set.add and discard need no lock of their own
+        try:
+            self.route()
+        except HTTPError as error:
+            self.send_error(error.status, explain=error.explain, main=error.main, headers=error.headers)
+        except (ConnectionError, TimeoutError, socket.timeout, ssl.SSLError):
+            self.close_connection = True
+        except Exception as exc:  # a bug, or a file that changed mid-read: one request lost, not the server
+            self.log_error("internal error: %s", type(exc).__name__)
+            self.close_connection = True
+            self.send_error(500)
+        finally:
+            self.server.in_flight.discard(self)
 
     # -- request → path guard → note ------------------------------------------
 
@@ -654,7 +667,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         if not url_path.startswith("/"):
             raise HTTPError(400, "The request target must be a path.")
         try:
-            self.query = urllib.parse.parse_qs(query, keep_blank_values=True, max_num_fields=32, errors="replace")
+            if query:
+                self.query = urllib.parse.parse_qs(query, keep_blank_values=True, max_num_fields=32, errors="replace")
         except ValueError:
             raise HTTPError(400, "Too many query parameters.") from None
         self.key = self.query.get("access_key", [None])[0]
@@ -664,7 +678,7 @@ class NoteHandler(BaseHTTPRequestHandler):
             if wait:
                 raise HTTPError(429, "Too many wrong keys from your address. Try again later.",
                                 headers=[("Retry-After", str(wait))])
-        kind, real, status = self.resolve(url_path)
+        kind, real, status, note = self.resolve(url_path)
         if kind == "folder" and not url_path.endswith("/"):
             parts = [p for p in urllib.parse.unquote(url_path).split("/") if p not in ("", ".")]
             location = quote_url("/" + "/".join(parts) + "/")   # always one leading slash: never //host
@@ -679,15 +693,15 @@ class NoteHandler(BaseHTTPRequestHandler):
                 raise HTTPError(400, "That search is too long.")
             return self.send_search(real, words) if words else self.send_listing(real)
         if kind == "note" and "raw" not in self.query:
-            return self.send_note(real, status)
+            return self.send_note(real, note)
         return self.send_file(real, status)
 
     def resolve(self, url_path):
-        """Return (kind, real path, stat) for url_path, or raise HTTPError: 404 when it is
+        """Return (kind, real path, stat, Note or None) for url_path, or raise HTTPError: 404 when it is
         not there or not to be served, 403 when it is a private note this request's key
         does not open.  A folder with a readable index.md or README.md means that note."""
         root = self.server.root
-        kind, real, status = locate(root, url_path, self.server.forbidden)
+        kind, real, status = locate(root, url_path, self.server.forbidden, self.server.real_paths)
         if kind == "folder" and url_path.endswith("/") and not self.query.get("q", [""])[0].strip():
             for name in INDEX_NAMES:
                 index = guarded(root, os.path.join(real, name), self.server.forbidden)
@@ -696,16 +710,17 @@ class NoteHandler(BaseHTTPRequestHandler):
                 except OSError:
                     continue
                 if index_status and stat.S_ISREG(index_status.st_mode):
-                    if may_open(self.note(index, index_status).password, self.key):
-                        return "note", index, index_status
+                    note = self.note(index, index_status)
+                    if may_open(note.password, self.key):
+                        return "note", index, index_status, note
                     break  # a private index: show the listing, which hides it
-        if kind == "note":
-            password = self.note(real, status).password
-            if not may_open(password, self.key):
+        note = self.note(real, status) if kind == "note" else None
+        if note is not None:
+            if not may_open(note.password, self.key):
                 if self.key is not None:
                     self.wrong_key()
                 raise HTTPError(403, main=self.key_form(url_path, self.key is not None))
-        return kind, real, status
+        return kind, real, status, note
 
     def note(self, real, status):
         """Return the Note at real (without its text), from the index when it is unchanged."""
@@ -730,19 +745,23 @@ class NoteHandler(BaseHTTPRequestHandler):
 
     # -- render → response ----------------------------------------------------
 
-    def send_note(self, real, status):
-        """Send a note's page; keyless pages are cached whole, gzipped once."""
-        server, index = self.server, self.server.index
-        note = self.note(real, status)
+    def send_note(self, real, note):
+        """Send a note's page; pages are cached whole (keyless ones gzipped once)."""
+        server = self.server
         etag = f'W/"{note.mtime_ns:x}-{note.size:x}-{server.salt}"'
         headers = self.validators(etag, note.mtime_ns, note.password is not None)
         if self.not_modified(etag, note.mtime_ns):
             return self.send_body(b"", None, status=304, headers=headers)
-        rel = relative(server.root, real)
-        gzip_ok = self.key is None and "gzip" in self.headers.get("Accept-Encoding", "")
-        cache_key = ("page", self.url_path, note.mtime_ns, note.size, gzip_ok)
-        body = server.cache.get(cache_key) if self.key is None else None
+        gzip_ok = self.key is None and "gzip" in self.headers.get("accept-encoding", "")
+        # A keyed page carries its key in its links: cached apart, under a hash of the key
+        # that opened it, and only for private notes, so wrong keys cannot fill the cache.
+        keyed = self.key is not None
+        variant = hashlib.sha256(self.key.encode()).digest() if keyed else gzip_ok
+        cache_key = ("page", self.url_path, note.mtime_ns, note.size, variant)
+        cacheable = not keyed or note.password is not None
+        body = server.cache.get(cache_key) if cacheable else None
         if body is None:
+            rel = relative(server.root, real)
             article = server.cache.get(("html", rel, note.mtime_ns, note.size))
             if article is None:
                 fresh = self.read(real)
@@ -758,7 +777,7 @@ class NoteHandler(BaseHTTPRequestHandler):
                              folder, etag=etag)
             if gzip_ok and len(body) >= 1024:
                 body = gzip.compress(body, 6, mtime=0)
-            if self.key is None and not has_links:  # wiki targets may change without this file changing
+            if cacheable and not has_links:  # wiki targets may change without this file changing
                 server.cache.put(cache_key, body, len(body))
         if gzip_ok:
             headers += [("Vary", "Accept-Encoding")] + ([("Content-Encoding", "gzip")] if body[:2] == b"\x1f\x8b" else [])
@@ -868,7 +887,7 @@ class NoteHandler(BaseHTTPRequestHandler):
         headers = self.validators(etag, None, private)
         if self.not_modified(etag, None):
             return self.send_body(b"", None, status=304, headers=headers)
-        if not private and len(body) >= 1024 and "gzip" in self.headers.get("Accept-Encoding", ""):
+        if not private and len(body) >= 1024 and "gzip" in self.headers.get("accept-encoding", ""):
             body = gzip.compress(body, 6, mtime=0)
             headers += [("Vary", "Accept-Encoding"), ("Content-Encoding", "gzip")]
         self.send_body(body, "text/html; charset=utf-8", headers=headers)
@@ -901,7 +920,7 @@ class NoteHandler(BaseHTTPRequestHandler):
             if status.st_size <= SMALL_FILE:  # read whole: a file truncated meanwhile still answers whole
                 body = head[skip:]
                 if (password is None and len(body) >= 1024 and is_text(content_type)
-                        and "gzip" in self.headers.get("Accept-Encoding", "")):
+                        and "gzip" in self.headers.get("accept-encoding", "")):
                     cache_key = ("gzip", real, status.st_mtime_ns, status.st_size)
                     body = self.server.cache.get(cache_key) or self.server.cache.put(
                         cache_key, gzip.compress(body, 6, mtime=0), len(body))
@@ -928,16 +947,16 @@ class NoteHandler(BaseHTTPRequestHandler):
         """Return the cache headers: private answers are never stored anywhere."""
         headers = [("ETag", etag), ("Cache-Control", "no-store" if private else "no-cache")]
         if mtime_ns is not None:
-            headers.append(("Last-Modified", email.utils.formatdate(mtime_ns // 10**9, usegmt=True)))
+            headers.append(("Last-Modified", http_date(mtime_ns // 10**9)))
         return headers
 
     def not_modified(self, etag, mtime_ns):
         """True when the client's copy is current (If-None-Match, else If-Modified-Since)."""
-        tags = self.headers.get("If-None-Match")
+        tags = self.headers.get("if-none-match")
         if tags is not None:
             strip = lambda tag: tag.strip().removeprefix("W/")
             return tags.strip() == "*" or strip(etag) in map(strip, tags.split(","))
-        since = self.headers.get("If-Modified-Since")
+        since = self.headers.get("if-modified-since")
         if since is None or mtime_ns is None:
             return False
         try:
@@ -946,22 +965,24 @@ class NoteHandler(BaseHTTPRequestHandler):
             return False
 
     def send_body(self, body, content_type, status=200, headers=()):
-        """Send status, headers and body (no body for HEAD: the headers are the same as for GET)."""
-        self.send_response(status)
+        """Send status, headers and body (no body for HEAD: the headers are the same as for GET).
+
+        Builds the head in one string rather than through send_response/send_header: on
+        the warm path those calls cost as much as everything else the server does."""
+        self.log_request(status, len(body) if body else "-")
+        head = [f"{self.protocol_version} {status} {self.responses[status][0]}\r\n"
+                f"Server: {self.server_version}\r\nDate: {self.date_time_string()}\r\n"]
         if content_type:
-            self.send_header("Content-Type", content_type)
+            head.append(f"Content-Type: {content_type}\r\n")
         if body is not None and status != 304:
-            self.send_header("Content-Length", str(len(body)))
-        if content_type and content_type.startswith("text/html"):
-            script = f"'{RELOAD_HASH}'" if self.server.reload else "'none'"
-            self.send_header("Content-Security-Policy", CSP.format(script=script))
-        self.send_header("X-Content-Type-Options", "nosniff")
-        self.send_header("Referrer-Policy", "no-referrer")
-        for name, value in headers:
-            self.send_header(name, value)
+            head.append(f"Content-Length: {len(body)}\r\n")
+        html_page = content_type is not None and content_type.startswith("text/html")
+        head.append(self.server.security_headers[html_page])
+        head.extend(f"{name}: {value}\r\n" for name, value in headers)
         if self.close_connection or self.server.stopping:
-            self.send_header("Connection", "close")
-        self.end_headers()
+            head.append("Connection: close\r\n")
+        head.append("\r\n")
+        self.wfile.write("".join(head).encode("latin-1"))
         if body and self.command != "HEAD":
             self.wfile.write(body)
 
@@ -1008,10 +1029,59 @@ class NoteHandler(BaseHTTPRequestHandler):
                            search_url=html.escape(search_url), key_field=key_field, query=html.escape(query),
                            folder=html.escape(self.folder_name(folder)), main=main, script=script).encode()
 
+    def parse_request(self):
+        """Parse the request line and headers into self.headers, a dict of lower-case names.
+
+        Replaces http.server's, whose email-package header parser is the largest cost of a
+        warm request; also refuses HTTP/0.9 and 2.x instead of half-answering them."""
+        self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
+        words = self.requestline.split()
+        if len(words) != 3 or not re.fullmatch(r"HTTP/\d\.\d", words[2]):
+            return self.send_error(400, explain="Bad request line")
+        self.command, self.path, self.request_version = words
+        if not words[2].startswith("HTTP/1."):
+            return self.send_error(505)
+        self.headers = {}
+        for _ in range(101):
+            line = self.rfile.readline(MAX_HEADER_BYTES + 1)
+            if line in (b"\r\n", b"\n", b""):
+                break
+            name, colon, value = str(line, "iso-8859-1").partition(":")
+            if not colon or not name or name != name.strip():
+                return self.send_error(400, explain="Bad header line")
+            self.headers[name.lower()] = value.strip()
+        else:
+            return self.send_error(431)
+        connection = self.headers.get("connection", "").lower()
+        self.close_connection = "close" in connection or (words[2] == "HTTP/1.0" and "keep-alive" not in connection)
+        return True
+
+    def date_time_string(self, timestamp=None):
+        return now_strings()[0] if timestamp is None else super().date_time_string(timestamp)
+
+    def log_date_time_string(self):
+        return now_strings()[1]
+
     def log_message(self, format, *args):
         """Log one line, the key redacted and control characters escaped."""
         message = redact(format % args).translate(CONTROL_CHARS)
-        self.server.log.write(f"{self.address_string()} - - [{self.log_date_time_string()}] {message}\n")
+        self.server.log_line(f"{self.address_string()} - - [{self.log_date_time_string()}] {message}\n")
+
+
+@functools.lru_cache(maxsize=4096)
+def http_date(seconds):
+    return email.utils.formatdate(seconds, usegmt=True)
+
+
+_now = [0, "", ""]
+
+
+def now_strings():
+    """Return (HTTP date, log date) for this second, formatted once a second."""
+    seconds = int(time.time())
+    if _now[0] != seconds:
+        _now[:] = [seconds, email.utils.formatdate(seconds, usegmt=True), time.strftime("%d/%b/%Y %H:%M:%S")]
+    return _now[1], _now[2]
 
 
 def redact(text):
@@ -1028,26 +1098,6 @@ def is_text(content_type):
 
 # Server ######################################################################
 
-class _InFlight:
-    """Counts requests being answered, so shutdown can wait for them."""
-
-    def __init__(self):
-        self.count, self.changed = 0, threading.Condition()
-
-    def __enter__(self):
-        with self.changed:
-            self.count += 1
-
-    def __exit__(self, *exc):
-        with self.changed:
-            self.count -= 1
-            self.changed.notify_all()
-
-    def wait(self, seconds):
-        with self.changed:
-            return self.changed.wait_for(lambda: self.count == 0, seconds)
-
-
 class NoteServer(ThreadingHTTPServer):
     """A threading HTTP server holding the settings, caches and index of one notes folder."""
 
@@ -1062,11 +1112,15 @@ class NoteServer(ThreadingHTTPServer):
         self.forbidden = {os.path.realpath(__file__)} | {os.path.realpath(p) for p in (tls or ())}
         self.reload, self.note_limit, self.client_timeout = reload, int(max_note_mb * 2**20), client_timeout
         self.max_connections, self.connections, self.stopping = max_connections, 0, False
-        self.log = log or sys.stderr
+        self.log, self.log_lines = log or sys.stderr, collections.deque()
+        script = f"'{RELOAD_HASH}'" if reload else "'none'"
+        common = "X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n"
+        self.security_headers = {False: common, True: common + f"Content-Security-Policy: {CSP.format(script=script)}\r\n"}
         self.cache = LRUCache(int(cache_mb * 2**20))
+        self.real_paths = {}
         self.index = NoteIndex(self.root, self.note_limit, self.forbidden)
         self.guard = KeyGuard(clock)
-        self.in_flight, self.count_lock = _InFlight(), threading.Lock()
+        self.in_flight, self.count_lock = set(), threading.Lock()
         self.salt = hashlib.blake2b(f"{__version__}{reload}{time.time_ns()}".encode(), digest_size=3).hexdigest()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
@@ -1106,13 +1160,33 @@ class NoteServer(ThreadingHTTPServer):
         # One line instead of a traceback; a vanished client is not worth a line.
         error = sys.exc_info()[1]
         if not isinstance(error, (OSError, ValueError)):
-            self.log.write(f"mdserve: error answering {client_address[0]}: {type(error).__name__}\n")
+            self.log_line(f"mdserve: error answering {client_address[0]}: {type(error).__name__}\n")
+
+    def log_line(self, line):
+        # Kept, then written by serve_forever's loop: a write per request would hand the
+        # GIL to another thread and back, the costliest thing a warm request can do.
+        self.log_lines.append(line)
+
+    def service_actions(self):
+        super().service_actions()
+        self.flush_log()
+
+    def flush_log(self):
+        lines = []
+        while self.log_lines:
+            lines.append(self.log_lines.popleft())
+        if lines:
+            self.log.write("".join(lines))
+            self.log.flush()
 
     def stop(self, grace=5.0):
         """Stop accepting, give requests in flight up to grace seconds, then close."""
         self.stopping = True
         self.server_close()
-        self.in_flight.wait(grace)
+        deadline = time.monotonic() + grace
+        while self.in_flight and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.flush_log()
 
 
 def make_server(root, host="127.0.0.1", port=0, **settings):
