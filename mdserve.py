@@ -67,6 +67,7 @@ KNOWN_METHODS = {"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"
 PASSWORD_LINE = re.compile(r"password:(.*)", re.IGNORECASE)
 HEADING = re.compile(r"#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*")
 REFUSED_PATH = re.compile(r"(^|/)\.(?!/|$)|[\\\0]")   # a dot-name, '..', a backslash or a NUL
+HTTP_VERSION = re.compile(r"HTTP/\d\.\d")
 KEY_IN_LOG = re.compile(r"([?&;])([^=&;\s]*)=([^&;\s]*)")
 WIKI_LINK = r"\[\[([^\]|\n]+)(?:\|([^\]\n]+))?\]\]"
 WIKI_PLACEHOLDER = re.compile(r'<a data-wiki="([^"]*)">(.*?)</a>', re.S)
@@ -595,7 +596,6 @@ class NoteHandler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
     default_request_version = "HTTP/1.0"  # so even a garbled request line gets a status line
     disable_nagle_algorithm = True  # never wait ~40 ms for an ACK before the next response
-    wbufsize = 64 * 1024             # headers and body leave in one send; handle_one_request flushes
 
     def setup(self):
         self.timeout = self.server.client_timeout
@@ -982,9 +982,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         if self.close_connection or self.server.stopping:
             head.append("Connection: close\r\n")
         head.append("\r\n")
-        self.wfile.write("".join(head).encode("latin-1"))
-        if body and self.command != "HEAD":
-            self.wfile.write(body)
+        head = "".join(head).encode("latin-1")
+        self.wfile.write(head + body if body and self.command != "HEAD" else head)  # one send, no Nagle wait
 
     def send_error(self, code, message=None, explain=None, main=None, headers=()):
         """Send a short error page from the one template.  Replaces http.server's, whose
@@ -1036,10 +1035,10 @@ class NoteHandler(BaseHTTPRequestHandler):
         warm request; also refuses HTTP/0.9 and 2.x instead of half-answering them."""
         self.requestline = str(self.raw_requestline, "iso-8859-1").rstrip("\r\n")
         words = self.requestline.split()
-        if len(words) != 3 or not re.fullmatch(r"HTTP/\d\.\d", words[2]):
+        if len(words) != 3 or not HTTP_VERSION.fullmatch(words[-1]):
             return self.send_error(400, explain="Bad request line")
         self.command, self.path, self.request_version = words
-        if not words[2].startswith("HTTP/1."):
+        if words[2] not in ("HTTP/1.0", "HTTP/1.1"):
             return self.send_error(505)
         self.headers = {}
         for _ in range(101):
@@ -1064,7 +1063,9 @@ class NoteHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         """Log one line, the key redacted and control characters escaped."""
-        message = redact(format % args).translate(CONTROL_CHARS)
+        message = format % args
+        if "=" in message or not message.isprintable():
+            message = redact(message).translate(CONTROL_CHARS)
         self.server.log_line(f"{self.address_string()} - - [{self.log_date_time_string()}] {message}\n")
 
 
