@@ -428,7 +428,7 @@ class NoteIndex:
     def __init__(self, root, note_limit, forbidden=()):
         self.root, self.note_limit, self.forbidden = root, note_limit, forbidden
         self.entries, self.by_rowid, self.stems = {}, {}, collections.defaultdict(set)
-        self.lock, self.next_rowid, self.walked_at = threading.RLock(), 1, -math.inf
+        self.lock, self.next_rowid, self.walked = threading.RLock(), 1, {}   # walked: folder -> time
         self.db = sqlite3.connect(":memory:", check_same_thread=False)
         for tokenizer in ("unicode61 remove_diacritics 2", "unicode61"):
             try:
@@ -467,9 +467,13 @@ class NoteIndex:
                 self.db.execute("DELETE FROM fts WHERE rowid = ?", (rowid,))
 
     def refresh(self, folder="", max_age=0.0):
-        """Bring the entries under folder ('' for all) up to date with the disk."""
-        if not folder and time.monotonic() - self.walked_at < max_age:
+        """Bring the entries under folder ('' for all) up to date with the disk, unless it
+        (or a folder above it) was walked less than max_age seconds ago."""
+        parts = folder.split("/") if folder else []
+        scopes = ["/".join(parts[:depth]) for depth in range(len(parts) + 1)]
+        if any(time.monotonic() - self.walked.get(scope, -math.inf) < max_age for scope in scopes):
             return
+        started = time.monotonic()
         prefix, seen = folder + "/" if folder else "", set()
         for rel, real, status in note_files(self.root, os.path.join(self.root, folder), self.forbidden):
             try:
@@ -480,8 +484,9 @@ class NoteIndex:
         with self.lock:
             for rel in [r for r in self.entries if r.startswith(prefix) and r not in seen]:
                 self.forget(rel)
-        if not folder:
-            self.walked_at = time.monotonic()
+        if len(self.walked) > 10000:
+            self.walked.clear()
+        self.walked[folder] = started
 
     def opens_any(self, key):
         """True when key opens at least one private note anywhere in the folder."""
@@ -500,7 +505,7 @@ class NoteIndex:
 
     def search(self, words, folder):
         """Return relative paths of the notes under folder holding all words, best first."""
-        self.refresh(folder)
+        self.refresh(folder, max_age=1.0)  # a search sees files added or edited within a second
         prefix = folder + "/" if folder else ""
         with self.lock:
             if self.db:
@@ -549,9 +554,8 @@ class KeyGuard:
 
     def retry_after(self, address):
         """Return the whole seconds address stays locked out, 0 when it is not."""
-        with self.lock:
-            client = self.clients.get(address)
-            return max(0, math.ceil(client[1] - self.clock())) if client else 0
+        client = self.clients.get(address)  # a dict read needs no lock
+        return max(0, math.ceil(client[1] - self.clock())) if client else 0
 
     def failed(self, address):
         """Record a wrong key from address; return the lock-out in seconds it starts, or 0."""
@@ -666,12 +670,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         url_path, _, query = self.path.partition("#")[0].partition("?")
         if not url_path.startswith("/"):
             raise HTTPError(400, "The request target must be a path.")
-        try:
-            if query:
-                self.query = urllib.parse.parse_qs(query, keep_blank_values=True, max_num_fields=32, errors="replace")
-        except ValueError:
-            raise HTTPError(400, "Too many query parameters.") from None
-        self.key = self.query.get("access_key", [None])[0]
+        self.query = query_params(query)
+        self.key = self.query.get("access_key")
         self.url_path = url_path
         if self.key is not None:
             wait = self.server.guard.retry_after(self.client_address[0])
@@ -688,8 +688,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         if self.key is not None and kind == "folder" and not self.server.index.opens_any(self.key):
             self.wrong_key()  # a listing or search would tell a key that opens something
         if kind == "folder":
-            words = self.query.get("q", [""])[0].split()
-            if len(self.query.get("q", [""])[0]) >= MAX_QUERY_WORDS:
+            words = self.query.get("q", "").split()
+            if len(self.query.get("q", "")) >= MAX_QUERY_WORDS:
                 raise HTTPError(400, "That search is too long.")
             return self.send_search(real, words) if words else self.send_listing(real)
         if kind == "note" and "raw" not in self.query:
@@ -702,7 +702,7 @@ class NoteHandler(BaseHTTPRequestHandler):
         does not open.  A folder with a readable index.md or README.md means that note."""
         root = self.server.root
         kind, real, status = locate(root, url_path, self.server.forbidden, self.server.real_paths)
-        if kind == "folder" and url_path.endswith("/") and not self.query.get("q", [""])[0].strip():
+        if kind == "folder" and url_path.endswith("/") and not self.query.get("q", "").strip():
             for name in INDEX_NAMES:
                 index = guarded(root, os.path.join(real, name), self.server.forbidden)
                 try:
@@ -753,10 +753,10 @@ class NoteHandler(BaseHTTPRequestHandler):
         if self.not_modified(etag, note.mtime_ns):
             return self.send_body(b"", None, status=304, headers=headers)
         gzip_ok = self.key is None and "gzip" in self.headers.get("accept-encoding", "")
-        # A keyed page carries its key in its links: cached apart, under a hash of the key
-        # that opened it, and only for private notes, so wrong keys cannot fill the cache.
+        # A keyed page carries its key in its links: cached apart, under the key that opened
+        # it (the note's own password), and only for private notes, so wrong keys cannot fill it.
         keyed = self.key is not None
-        variant = hashlib.sha256(self.key.encode()).digest() if keyed else gzip_ok
+        variant = ("key", self.key) if keyed else gzip_ok
         cache_key = ("page", self.url_path, note.mtime_ns, note.size, variant)
         cacheable = not keyed or note.password is not None
         body = server.cache.get(cache_key) if cacheable else None
@@ -1085,10 +1085,25 @@ def now_strings():
     return _now[1], _now[2]
 
 
+def query_params(query):
+    """Return {name: first value} of a query string; 400 for more than 32 parameters."""
+    params = {}
+    if query:
+        pairs = query.split("&")
+        if len(pairs) > 32:
+            raise HTTPError(400, "Too many query parameters.")
+        for pair in pairs:
+            name, _, value = pair.partition("=")
+            params.setdefault(urllib.parse.unquote_plus(name), urllib.parse.unquote_plus(value))
+    return params
+
+
 def redact(text):
     """Return text with the value of every access_key parameter replaced by ***."""
     def hide(match):
-        name = urllib.parse.unquote_plus(match.group(2))
+        name = match.group(2)
+        if name != "access_key" and ("%" in name or "+" in name):
+            name = urllib.parse.unquote_plus(name)
         return match.group(0) if name != "access_key" else f"{match.group(1)}{match.group(2)}=***"
     return KEY_IN_LOG.sub(hide, text)
 
