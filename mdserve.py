@@ -398,12 +398,14 @@ class LRUCache:
         self.lock = threading.Lock()
 
     def get(self, key):
-        with self.lock:
-            item = self.items.get(key)
-            if item is not None:
-                self.items.move_to_end(key)
-                return item[0]
-        return None
+        item = self.items.get(key)  # single dict operations hold the GIL: only put() needs the lock
+        if item is None:
+            return None
+        try:
+            self.items.move_to_end(key)
+        except KeyError:  # dropped by a put() meanwhile
+            pass
+        return item[0]
 
     def put(self, key, value, size):
         if size > self.max_bytes:
@@ -983,7 +985,18 @@ class NoteHandler(BaseHTTPRequestHandler):
             head.append("Connection: close\r\n")
         head.append("\r\n")
         head = "".join(head).encode("latin-1")
-        self.wfile.write(head + body if body and self.command != "HEAD" else head)  # one send, no Nagle wait
+        if body and self.command != "HEAD":
+            self.send_all(head, body)
+        else:
+            self.wfile.write(head)
+
+    def send_all(self, head, body):
+        """Send head and body in one system call (no Nagle wait, no copy of the body)."""
+        if isinstance(self.connection, ssl.SSLSocket):  # TLS has no sendmsg
+            return self.wfile.write(head + body)
+        sent = self.connection.sendmsg([head, body])
+        if sent < len(head) + len(body):
+            self.connection.sendall(memoryview(head + body)[sent:])
 
     def send_error(self, code, message=None, explain=None, main=None, headers=()):
         """Send a short error page from the one template.  Replaces http.server's, whose
