@@ -1058,6 +1058,8 @@ class NoteHandler(BaseHTTPRequestHandler):
             line = self.rfile.readline(MAX_HEADER_BYTES + 1)
             if line in (b"\r\n", b"\n", b""):
                 break
+            if len(line) > MAX_HEADER_BYTES:
+                return self.send_error(431)
             name, colon, value = str(line, "iso-8859-1").partition(":")
             if not colon or not name or name != name.strip():
                 return self.send_error(400, explain="Bad header line")

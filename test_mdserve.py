@@ -774,3 +774,405 @@ def test_browser_reloads_a_page_when_its_note_changes(serve):
     assert "version two, longer" in dom and "version one" not in dom
     log = client.log_text()
     assert '"HEAD /live.md HTTP/1.1" 200' in log and log.count('"GET /live.md HTTP/1.1" 200') == 2
+
+
+# Caches and freshness #########################################################
+
+def eventually(check, seconds=5.0):
+    """Poll check() until it is true or seconds pass; return its last value."""
+    deadline = time.monotonic() + seconds
+    while True:
+        value = check()
+        if value or time.monotonic() > deadline:
+            return value
+        time.sleep(0.05)
+
+
+def test_edited_note_shows_new_text_on_next_request(serve):
+    client = serve({"a.md": "# A\n\nfirst version\n"})
+    assert "first version" in client.get("/a.md").text
+    client.write("a.md", "# A\n\nsecond version\n")
+    assert "second version" in client.get("/a.md").text
+    client.write("a.md", "# A\n\nthird  version\n")  # same size, new mtime
+    assert "third  version" in client.get("/a.md").text
+
+
+def test_deleted_note_is_404(serve):
+    client = serve({"a.md": "# A\n", "b.md": "# B\n"})
+    assert client.get("/a.md").status == 200
+    os.remove(os.path.join(client.root, "a.md"))
+    assert client.get("/a.md").status == 404
+    assert "a.md" not in main_of(client.get("/?q="))
+
+
+def test_note_made_private_is_refused_then_public_again(serve):
+    client = serve({"a.md": "# A\n\nopen text\n"})
+    assert client.get("/a.md").status == 200
+    client.write("a.md", f"password: k\n# A\n\n{SECRET}\n")
+    refused = client.get("/a.md")
+    assert refused.status == 403
+    assert_no_secret(refused, SECRET)
+    assert_no_secret(client.get("/a.md?raw"), SECRET)
+    assert client.get("/a.md?access_key=k").status == 200
+    client.write("a.md", "# A\n\nopen again\n")
+    assert "open again" in client.get("/a.md").text
+
+
+@pytest.mark.parametrize("path", ["/a.md", "/", "/pic.png", "/a.md?raw"])
+def test_validators_give_304(serve, path):
+    client = serve({"a.md": "# A\n", "pic.png": b"\x89PNG" + b"\0" * 50, "b.md": "# B\n"})
+    first = client.get(path)
+    assert first.status == 200 and first.header("ETag")
+    again = client.get(path, headers={"If-None-Match": first.header("ETag")})
+    assert again.status == 304 and again.body == b"" and again.header("ETag") == first.header("ETag")
+    if first.header("Last-Modified"):
+        since = client.get(path, headers={"If-Modified-Since": first.header("Last-Modified")})
+        assert since.status == 304
+
+
+def test_cache_memory_stays_under_its_bound(serve):
+    files = {f"n{i}.md": f"# N{i}\n\n" + ("word " * 20000) for i in range(30)}
+    client = serve(files, cache_mb=1)
+    for i in range(30):
+        assert client.get(f"/n{i}.md").status == 200
+    assert 0 < client.server.cache.bytes <= client.server.cache.max_bytes
+    assert "word" in client.get("/n0.md").text
+
+
+def test_gzip_when_accepted_but_not_with_a_key(serve):
+    client = serve(NOTES)
+    zipped = client.get("/plain.md", headers={"Accept-Encoding": "gzip"})
+    assert zipped.header("Content-Encoding") == "gzip" and zipped.header("Vary") == "Accept-Encoding"
+    assert "Plain note" in gzip.decompress(zipped.body).decode()
+    plain = client.get("/plain.md")
+    assert plain.header("Content-Encoding") is None and "Plain note" in plain.text
+    keyed = client.get("/private.md?access_key=1234", headers={"Accept-Encoding": "gzip"})
+    assert keyed.header("Content-Encoding") is None and SECRET in keyed.text
+
+
+def test_keep_alive_serves_many_requests_on_one_connection(serve):
+    client = serve(NOTES)
+    connection = http.client.HTTPConnection("127.0.0.1", client.port, timeout=5)
+    for path in ["/plain", "/missing", "/sub", "/private.md", "/plain", "/sub/pic.png"] * 3:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        response.read()
+        assert response.status in (200, 301, 403, 404) and not response.will_close
+    connection.close()
+
+
+def test_search_sees_new_and_edited_notes(serve):
+    client = serve({"a.md": "# A\n\nnothing yet\n"})
+    assert "a.md" not in main_of(client.get("/?q=quokka"))
+    client.write("b.md", "# B\n\nquokka arrived\n")
+    client.write("a.md", "# A\n\nquokka here too\n")
+    found = eventually(lambda: "b.md" in (m := main_of(client.get("/?q=quokka"))) and "a.md" in m)
+    assert found
+    client.write("a.md", "# A\n\ngone\n")
+    assert eventually(lambda: "a.md" not in main_of(client.get("/?q=quokka")))
+
+
+# Hardening ####################################################################
+
+class FakeClock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_key_guessing_locks_out_then_unlocks(serve):
+    clock = FakeClock()
+    client = serve(NOTES, clock=clock)
+    for guess in range(10):
+        assert client.get(f"/private.md?access_key=guess{guess}").status == 403
+    locked = client.get("/private.md?access_key=1234")
+    assert locked.status == 429 and int(locked.header("Retry-After")) == 60
+    assert_no_secret(locked)
+    assert client.get("/sub/?access_key=x").status == 429
+    assert client.get("/plain.md").status == 200
+    assert client.get("/private.md").status == 403
+    clock.now += 61
+    assert client.get("/private.md?access_key=1234").status == 200
+    for guess in range(10):
+        client.get(f"/private.md?access_key=again{guess}")
+    assert client.get("/private.md?access_key=1234").header("Retry-After") == "120"  # doubles on repeat
+    log = client.log_text()
+    assert log.count("locked out") == 2 and "guess" not in log and "again" not in log and "1234" not in log
+
+
+def test_listing_and_search_with_a_useless_key_count_as_guesses(serve):
+    client = serve(NOTES, clock=FakeClock())
+    for guess in range(5):
+        client.get(f"/sub/?access_key=g{guess}")
+        client.get(f"/?q=x&access_key=g{guess}")
+    assert client.get("/?q=x&access_key=1234").status == 429
+
+
+def test_lockout_table_is_bounded():
+    guard = mdserve.KeyGuard(max_clients=100)
+    for n in range(5000):
+        guard.failed(f"10.0.{n // 256}.{n % 256}")
+    assert len(guard.clients) == 100
+
+
+def make_certificate(folder):
+    cert, key = os.path.join(folder, "cert.pem"), os.path.join(folder, "key.pem")
+    subprocess.run(["openssl", "req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", key, "-out", cert,
+                    "-days", "1", "-subj", "/CN=localhost"], check=True, capture_output=True, timeout=60)
+    return cert, key
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="no openssl to make a certificate (apt-get install openssl)")
+def test_tls_round_trip_and_key_file_never_served(serve, tmp_path):
+    root = tmp_path / "notes"
+    root.mkdir()
+    cert, key = make_certificate(str(root))   # a careless user keeps them in the notes folder
+    client = serve(NOTES, tls=(cert, key))
+    context = ssl.create_default_context(cafile=cert)
+    context.check_hostname = False
+    connection = http.client.HTTPSConnection("127.0.0.1", client.port, context=context, timeout=10)
+    for path, status in [("/plain", 200), ("/private.md?access_key=1234", 200), ("/key.pem", 404),
+                         ("/cert.pem", 404)]:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+        assert response.status == status
+        assert b"PRIVATE KEY" not in body
+    connection.close()
+    assert b"HTTP/1.1" not in client.raw(b"GET / HTTP/1.1\r\n\r\n", timeout=3)  # plain HTTP gets no page
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="no openssl to make a certificate (apt-get install openssl)")
+def test_cli_tls_banner_says_https(tmp_path):
+    cert, key = make_certificate(str(tmp_path))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    process, url, lines = start_cli(str(notes), "-b", "127.0.0.1", "--tls-cert", cert, "--tls-key", key)
+    try:
+        assert url.startswith("https://127.0.0.1:")
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=10)
+
+
+def test_idle_connections_do_not_stop_others(serve):
+    client = serve(NOTES, client_timeout=5)
+    idle = [socket.create_connection(("127.0.0.1", client.port)) for _ in range(200)]
+    try:
+        started = time.monotonic()
+        response = client.get("/plain")
+        assert response.status == 200 and time.monotonic() - started < 2
+    finally:
+        for sock in idle:
+            sock.close()
+
+
+def test_slow_trickle_of_headers_is_cut_off(serve):
+    client = serve(NOTES, client_timeout=0.5)
+    with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
+        sock.sendall(b"GET /plain HTTP/1.1\r\n")
+        started, closed = time.monotonic(), False
+        while time.monotonic() - started < 4:
+            try:
+                sock.sendall(b"X")
+                time.sleep(0.1)
+            except OSError:
+                closed = True
+                break
+        assert closed and time.monotonic() - started < 3
+    assert client.get("/plain").status == 200
+
+
+def test_connection_cap_refuses_cleanly(serve):
+    client = serve(NOTES, max_connections=5, client_timeout=5)
+    held = [socket.create_connection(("127.0.0.1", client.port)) for _ in range(5)]
+    try:
+        time.sleep(0.2)
+        answer = client.raw(b"GET /plain HTTP/1.1\r\n\r\n")
+        assert answer.startswith(b"HTTP/1.1 503") and b"Retry-After" in answer
+    finally:
+        for sock in held:
+            sock.close()
+    assert eventually(lambda: client.get("/plain").status == 200)
+
+
+@pytest.mark.parametrize("request_bytes,status", [
+    (b"GET /" + b"a" * 9000 + b" HTTP/1.1\r\n\r\n", 414),
+    (b"GET / HTTP/1.1\r\nX-Big: " + b"b" * 40000 + b"\r\n\r\n", 431),
+    (b"GET / HTTP/1.1\r\n" + b"".join(b"X-%d: 1\r\n" % i for i in range(150)) + b"\r\n", 431),
+    (b"GET /plain HTTP/1.1\r\nContent-Length: 100000000\r\n\r\nxx", 413),
+    (b"GET /plain HTTP/1.1\r\nTransfer-Encoding: chunked\r\n\r\n5\r\nhello\r\n0\r\n\r\n", 413),
+    (b"GET /?" + b"q=x&" * 40 + b" HTTP/1.1\r\n\r\n", 400),
+    (b"GET / HTTP/2.0\r\n\r\n", 505),
+])
+def test_request_limits(serve, request_bytes, status):
+    client = serve(NOTES)
+    started = time.monotonic()
+    answer = client.raw(request_bytes)
+    assert answer.startswith(b"HTTP/1.1 %d" % status), answer[:80]
+    assert time.monotonic() - started < 3 and b"Traceback" not in answer
+    assert client.get("/plain").status == 200
+
+
+def test_note_deleted_or_truncated_between_listing_and_reading(serve):
+    client = serve({"f/a.md": "# Alpha\n\n" + "text " * 1000, "f/b.md": "# Beta\n"})
+    assert "Alpha" in client.get("/f/").text
+    os.remove(os.path.join(client.root, "f", "a.md"))
+    assert client.get("/f/a.md").status == 404
+    with open(os.path.join(client.root, "f", "b.md"), "w") as f:
+        f.truncate(0)
+    response = client.get("/f/b.md")
+    assert response.status == 200 and "</html>" in response.text
+
+
+def test_unreadable_note_is_403_and_its_name_escaped(serve, tmp_path):
+    name = "<b>locked</b>.md"
+    client = serve({name: f"# Hidden\n{SECRET}\n", "ok.md": "# OK\n"})
+    opened = [p for p in (tmp_path, tmp_path.parent, tmp_path.parent.parent) if p.stat().st_mode & 0o777 != 0o755]
+    modes = {p: p.stat().st_mode for p in opened}
+    for folder in opened + [client.root]:  # the folders stay traversable: only the note is locked
+        os.chmod(folder, 0o755)
+    os.chmod(os.path.join(client.root, name), 0)
+    as_root = os.geteuid() == 0
+    if as_root:  # root reads anything: serve as an ordinary user for the length of the requests
+        os.seteuid(65534)
+    try:
+        page = client.get("/" + urllib.parse.quote(name))
+        listing = client.get("/")
+    finally:
+        if as_root:
+            os.seteuid(0)
+        for folder, mode in modes.items():
+            os.chmod(folder, mode)
+    assert page.status == 403
+    assert_no_secret(page, SECRET)
+    assert listing.status == 200 and "<b>locked</b>" not in listing.text and "OK" in main_of(listing)
+
+
+def test_symlink_loops_and_deep_trees(serve):
+    client = serve({"a.md": "# A\n"})
+    os.symlink("loop2.md", os.path.join(client.root, "loop1.md"))
+    os.symlink("loop1.md", os.path.join(client.root, "loop2.md"))
+    os.symlink(".", os.path.join(client.root, "self"))
+    deep = os.path.join(client.root, *["d"] * 150)
+    os.makedirs(deep)
+    with open(os.path.join(deep, "bottom.md"), "w") as f:
+        f.write("# Bottom\n\nfathoms\n")
+    assert client.get("/loop1.md").status == 404
+    assert client.get("/self/self/self/a.md").status == 200
+    assert client.get("/").status == 200
+    search = client.get("/?q=fathoms")
+    assert search.status == 200 and "bottom.md" in main_of(search)
+    assert client.get("/" + "d/" * 150 + "bottom.md").status == 200
+
+
+def test_large_note_is_offered_raw_instead_of_rendered(serve):
+    text = "# Huge\n\n" + "lots of words here\n" * 2000
+    client = serve({"huge.md": text, "pw.md": "password: k\n" + text}, max_note_mb=0.01)
+    page = client.get("/huge.md")
+    assert page.status == 200 and "Download it as text" in page.text and "lots of words" not in page.text
+    raw = client.get("/huge.md?raw")
+    assert raw.text == text
+    assert client.get("/pw.md").status == 403 and client.get("/pw.md?raw").status == 403
+    assert client.get("/pw.md?raw&access_key=k").text == text
+
+
+def test_client_disconnect_mid_response_is_silent(serve):
+    client = serve({"big.bin": os.urandom(8 * 1024 * 1024)})
+    for _ in range(3):
+        with socket.create_connection(("127.0.0.1", client.port)) as sock:
+            sock.sendall(b"GET /big.bin HTTP/1.1\r\n\r\n")
+            sock.recv(1000)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, b"\x01\0\0\0\0\0\0\0")  # reset, not close
+    assert eventually(lambda: client.get("/big.bin", method="HEAD").status == 200)
+    log = client.log_text()
+    assert "Traceback" not in log and "error" not in log.lower()
+
+
+def test_stop_finishes_a_response_in_flight(serve):
+    data = os.urandom(48 * 1024 * 1024)   # more than the socket buffers hold: the server is still sending
+    client = serve({"big.bin": data})
+    sock = socket.create_connection(("127.0.0.1", client.port), timeout=10)
+    sock.sendall(b"GET /big.bin HTTP/1.1\r\n\r\n")
+    received = [sock.recv(4096)]
+    client.server.shutdown()
+    stopper = threading.Thread(target=client.server.stop, args=(10,))
+    stopper.start()
+    while True:
+        chunk = sock.recv(1 << 20)
+        if not chunk:
+            break
+        received.append(chunk)
+    stopper.join(15)
+    sock.close()
+    assert client.server.in_flight == set() and not stopper.is_alive()
+    assert b"".join(received).split(b"\r\n\r\n", 1)[1] == data
+    with pytest.raises(OSError):
+        socket.create_connection(("127.0.0.1", client.port), timeout=2)
+
+
+def tree_hash(root):
+    digest = hashlib.sha256()
+    for folder, folders, files in sorted(os.walk(root)):
+        folders.sort()
+        for name in sorted(files):
+            digest.update(os.path.join(folder, name).encode())
+            with open(os.path.join(folder, name), "rb") as f:
+                digest.update(f.read())
+    return digest.hexdigest()
+
+
+def test_concurrent_mixed_load_while_files_change(serve):
+    files = dict(NOTES, **{f"n{i}.md": f"# Note {i}\n\nshared word tapir {i}\n" for i in range(20)})
+    files["flip.md"] = "# Flip\n\npublic text tapir\n"
+    client = serve(files)
+    before = tree_hash(client.root)
+    etag = client.get("/plain.md").header("ETag")
+    requests = [("/plain.md", {}), ("/private.md", {}), ("/private.md?access_key=1234", {}),
+                ("/private.md?access_key=nope", {}), ("/", {}), ("/sub/", {}), ("/?q=tapir", {}),
+                ("/sub/pic.png", {}), ("/flip.md", {}), ("/flip.md?raw", {}), ("/n3", {}),
+                ("/plain.md", {"If-None-Match": etag}), ("/private.md", {"If-None-Match": etag})]
+    failures, stop = [], threading.Event()
+
+    def edit():
+        n = 0
+        while not stop.is_set():
+            n += 1
+            client.write("flip.md", f"password: k\n# Flip\n\n{SECRET} {n}\n" if n % 2 else f"# Flip\n\npublic {n}\n")
+            client.write(f"n{n % 20}.md", f"# Note {n}\n\nedited tapir {n}\n")
+        client.write("flip.md", files["flip.md"])
+        for i in range(20):
+            client.write(f"n{i}.md", files[f"n{i}.md"])
+
+    def run(seed):
+        connection = http.client.HTTPConnection("127.0.0.1", client.port, timeout=20)
+        for i in range(50):
+            path, headers = requests[(seed * 7 + i) % len(requests)]
+            method = "HEAD" if i % 9 == 0 else "GET"
+            connection.request(method, path, headers=headers)
+            response = connection.getresponse()
+            body = response.read()   # raises IncompleteRead on a short body
+            keyed = "access_key=1234" in path
+            if response.status >= 500 or (not keyed and SECRET.encode() in body):
+                failures.append((path, response.status))
+            if method == "GET" and response.status == 200 and not path.endswith(".png") and "raw" not in path:
+                if not body.rstrip().endswith(b"</html>"):
+                    failures.append((path, "incomplete"))
+            if response.will_close:
+                connection.close()
+                connection = http.client.HTTPConnection("127.0.0.1", client.port, timeout=20)
+        connection.close()
+
+    editor = threading.Thread(target=edit)
+    editor.start()
+    workers = [threading.Thread(target=run, args=(n,)) for n in range(16)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+    stop.set()
+    editor.join(10)
+    assert failures == []
+    assert tree_hash(client.root) == before
