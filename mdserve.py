@@ -208,11 +208,31 @@ def first_heading(text):
     return None
 
 
+def read_whole(file, limit):
+    """Return (stat, up to limit bytes) of an open file, read again while it changes.
+
+    An editor saving in place truncates, then writes: a read across that can join the old
+    version's public first line to the new version's private text.  A read counts only
+    when the file's stat is the same before and after it and the length agrees.  The file
+    must be unbuffered: a buffer would hand the same torn bytes back on a second try.
+    """
+    for _ in range(20):
+        before = os.fstat(file.fileno())
+        file.seek(0)
+        data = file.read(min(before.st_size, limit) + 1)[:limit]
+        after = os.fstat(file.fileno())
+        if ((before.st_ino, before.st_size, before.st_mtime_ns, before.st_ctime_ns)
+                == (after.st_ino, after.st_size, after.st_mtime_ns, after.st_ctime_ns)
+                and len(data) == min(after.st_size, limit)):
+            return after, data
+        time.sleep(0.001)
+    raise PermissionError("the file kept changing while it was read")  # fail closed: 403
+
+
 def read_note(path, limit):
     """Return the Note in the file at path; past limit bytes, only its head is read."""
-    with open(path, "rb") as file:
-        status = os.fstat(file.fileno())
-        data = file.read(limit if status.st_size <= limit else 65536)
+    with open(path, "rb", buffering=0) as file:
+        status, data = read_whole(file, limit if os.fstat(file.fileno()).st_size <= limit else 65536)
     text = data.decode("utf-8", "replace").replace("\0", "\ufffd").replace("\r\n", "\n")
     text = text[1:] if text.startswith("\ufeff") else text
     first, _, rest = text.partition("\n")
@@ -735,7 +755,8 @@ class NoteHandler(BaseHTTPRequestHandler):
                 return read_note(real, self.server.note_limit)
             return self.server.index.entry(relative(self.server.root, real), real, status)[1]
         except PermissionError:
-            raise HTTPError(403, "This note is not readable by the server.") from None
+            raise HTTPError(403, "This note cannot be read by the server (no permission, or it is "
+                                 "being rewritten: try again).") from None
         except OSError:
             raise HTTPError(404) from None
 
@@ -899,14 +920,14 @@ class NoteHandler(BaseHTTPRequestHandler):
         content_type = "text/plain; charset=utf-8" if "raw" in self.query or real.lower().endswith(NOTE_SUFFIXES) \
             else (mimetypes.guess_type(real)[0] or "application/octet-stream")
         try:
-            file = open(real, "rb")
+            file = open(real, "rb", buffering=0)
         except PermissionError:
-            raise HTTPError(403, "This file is not readable by the server.") from None
+            raise HTTPError(403, "This file cannot be read by the server (no permission, or it is "
+                                 "being rewritten: try again).") from None
         except OSError:
             raise HTTPError(404) from None
         with file:
-            status = os.fstat(file.fileno())
-            head = file.read(min(status.st_size, SMALL_FILE))
+            status, head = read_whole(file, SMALL_FILE)
             first, newline, _ = head.partition(b"\n")
             password = password_of(first.decode("utf-8", "replace"))
             if not may_open(password, self.key):
@@ -931,13 +952,15 @@ class NoteHandler(BaseHTTPRequestHandler):
             self.send_body(None, content_type, headers=headers + [("Content-Length", str(length))])
             if self.command == "GET":
                 file.seek(skip)
-                self.copy_exactly(file, length)
+                self.copy_exactly(file, length, status)
 
-    def copy_exactly(self, file, length):
-        """Stream length bytes of file; if it shrank meanwhile, close so the client sees it cut."""
+    def copy_exactly(self, file, length, status):
+        """Stream length bytes of file; if it changes meanwhile, stop and close, so the client
+        sees the download cut rather than the start of one version joined to another."""
         while length > 0:
             chunk = file.read(min(length, 256 * 1024))
-            if not chunk:
+            now = os.fstat(file.fileno())
+            if not chunk or (now.st_mtime_ns, now.st_size) != (status.st_mtime_ns, status.st_size):
                 self.close_connection = True
                 return
             self.wfile.write(chunk)

@@ -1156,7 +1156,7 @@ def test_concurrent_mixed_load_while_files_change(serve):
             body = response.read()   # raises IncompleteRead on a short body
             keyed = "access_key=1234" in path
             if response.status >= 500 or (not keyed and SECRET.encode() in body):
-                failures.append((path, response.status))
+                failures.append((path, response.status, method))
             if method == "GET" and response.status == 200 and not path.endswith(".png") and "raw" not in path:
                 if not body.rstrip().endswith(b"</html>"):
                     failures.append((path, "incomplete"))
