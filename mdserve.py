@@ -68,6 +68,7 @@ PASSWORD_LINE = re.compile(r"password:(.*)", re.IGNORECASE)
 HEADING = re.compile(r"#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*")
 REFUSED_PATH = re.compile(r"(^|/)\.(?!/|$)|[\\\0]")   # a dot-name, '..', a backslash or a NUL
 HTTP_VERSION = re.compile(r"HTTP/\d\.\d")
+VALUE_END = re.compile(r"[&;\s]")
 KEY_IN_LOG = re.compile(r"([?&;])([^=&;\s]*)=([^&;\s]*)")
 WIKI_LINK = r"\[\[([^\]|\n]+)(?:\|([^\]\n]+))?\]\]"
 WIKI_PLACEHOLDER = re.compile(r'<a data-wiki="([^"]*)">(.*?)</a>', re.S)
@@ -1101,9 +1102,9 @@ class NoteHandler(BaseHTTPRequestHandler):
 
     def log_message(self, format, *args):
         """Log one line, the key redacted and control characters escaped."""
-        message = format % args
-        if "=" in message or not message.isprintable():
-            message = redact(message).translate(CONTROL_CHARS)
+        message = redact(format % args)
+        if not message.isprintable():
+            message = message.translate(CONTROL_CHARS)
         self.server.log_line(f"{self.address_string()} - - [{self.log_date_time_string()}] {message}\n")
 
 
@@ -1132,12 +1133,20 @@ def query_params(query):
             raise HTTPError(400, "Too many query parameters.")
         for pair in pairs:
             name, _, value = pair.partition("=")
-            params.setdefault(urllib.parse.unquote_plus(name), urllib.parse.unquote_plus(value))
+            if "%" in pair or "+" in pair:
+                name, value = urllib.parse.unquote_plus(name), urllib.parse.unquote_plus(value)
+            params.setdefault(name, value)
     return params
 
 
 def redact(text):
     """Return text with the value of every access_key parameter replaced by ***."""
+    if "access_key=" in text:  # the usual spelling, without a regular expression: it is on every keyed request
+        first, *rest = text.split("access_key=")
+        text = first + "".join("access_key=***" + value[len(VALUE_END.split(value, 1)[0]):] for value in rest)
+    if "%" not in text:  # no parameter name can be spelled another way
+        return text
+
     def hide(match):
         name = match.group(2)
         if name != "access_key" and ("%" in name or "+" in name):
