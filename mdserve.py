@@ -30,6 +30,7 @@ import ipaddress
 import math
 import mimetypes
 import os
+import queue
 import re
 import signal
 import socket
@@ -352,27 +353,27 @@ class WikiLinks(InlineProcessor):
         return link, match.start(0), match.end(0)
 
 
-_markdown = threading.local()
+_renderers = queue.SimpleQueue()  # Markdown objects keep state: one per render at a time, reused
 
 
 def render_markdown(text):
     """Return (HTML, table of contents HTML or '') for markdown text."""
-    md = getattr(_markdown, "md", None)
-    if md is None:  # Markdown objects keep state between calls: one per thread.
+    try:
+        md = _renderers.get_nowait()
+    except queue.Empty:
         extensions = ["extra", "toc", "sane_lists"] + (["codehilite"] if HtmlFormatter else [])
-        md = _markdown.md = markdown.Markdown(extensions=extensions, extension_configs={
+        md = markdown.Markdown(extensions=extensions, extension_configs={
             "toc": {"permalink": "#", "permalink_title": "Link to this section"},
             "codehilite": {"css_class": "highlight", "guess_lang": False}})
         md.inlinePatterns.register(WikiLinks(WIKI_LINK, md), "wikilink", 175)
-    md.reset()
-    body = md.convert(text)
-    headings, stack = 0, list(md.toc_tokens)
+    try:
+        body, toc, stack, headings = md.reset().convert(text), md.toc, list(md.toc_tokens), 0
+    finally:
+        _renderers.put(md)
     while stack:
-        token = stack.pop()
         headings += 1
-        stack.extend(token["children"])
-    toc = f'<details class="contents" open><summary>Contents</summary>{md.toc}</details>' if headings >= 3 else ""
-    return body, toc
+        stack.extend(stack.pop()["children"])
+    return body, (f'<details class="contents" open><summary>Contents</summary>{toc}</details>' if headings >= 3 else "")
 
 
 def quote_url(path):
@@ -813,7 +814,11 @@ class NoteHandler(BaseHTTPRequestHandler):
             quoted = html.escape(quote_url(rel.rpartition("/")[2]))
             return (f"<article><h1>{html.escape(note.title)}</h1><p>This note is {note.size / 2**20:.1f} MB, "
                     f"more than this server renders. <a href=\"{quoted}?raw\">Download it as text</a>.</p></article>")
-        body, toc = render_markdown(note.text)
+        try:
+            body, toc = render_markdown(note.text)
+        except Exception:  # e.g. RecursionError on lists nested hundreds deep: show the text instead
+            self.log_error("could not render %s; sent as text", rel)
+            body, toc = f"<pre>{html.escape(note.text)}</pre>", ""
         return f"<article>{toc}{body}</article>"
 
     def footer(self, note, rel):

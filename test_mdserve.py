@@ -308,6 +308,12 @@ def test_invalid_binary_or_empty_note_still_gets_a_page(serve, content):
     assert response.status == 200 and "<main>" in response.text
 
 
+def test_note_too_deeply_nested_to_render_is_shown_as_text(serve):
+    client = serve({"deep.md": "".join("    " * i + f"- level{i}\n" for i in range(300))})
+    response = client.get("/deep.md")
+    assert response.status == 200 and "level299" in response.text and "<pre>" in response.text
+
+
 def test_html_responses_carry_csp_and_no_referrer(serve):
     client = serve(NOTES)
     for path in ["/", "/plain", "/sub/", "/missing", "/private.md", "/?q=x"]:
