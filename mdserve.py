@@ -366,10 +366,8 @@ def render_markdown(text):
             "toc": {"permalink": "#", "permalink_title": "Link to this section"},
             "codehilite": {"css_class": "highlight", "guess_lang": False}})
         md.inlinePatterns.register(WikiLinks(WIKI_LINK, md), "wikilink", 175)
-    try:
-        body, toc, stack, headings = md.reset().convert(text), md.toc, list(md.toc_tokens), 0
-    finally:
-        _renderers.put(md)
+    body, toc, stack, headings = md.reset().convert(text), md.toc, list(md.toc_tokens), 0
+    _renderers.put(md)  # only a renderer that finished cleanly is used again
     while stack:
         headings += 1
         stack.extend(stack.pop()["children"])
