@@ -678,6 +678,11 @@ class NoteHandler(BaseHTTPRequestHandler):
             self.send_error(error.status, explain=error.explain, main=error.main, headers=error.headers)
         except (ConnectionError, TimeoutError, socket.timeout, ssl.SSLError):
             self.close_connection = True
+        except PermissionError:  # unreadable, or rewritten under us on every try (read_whole)
+            self.send_error(403, explain="The server cannot read this right now (no permission, or it is being "
+                                         "rewritten: try again)")
+        except OSError:  # vanished between the listing and the reading, or a link loop
+            self.send_error(404)
         except Exception as exc:  # a bug, or a file that changed mid-read: one request lost, not the server
             self.log_error("internal error: %s", type(exc).__name__)
             self.close_connection = True
@@ -737,28 +742,19 @@ class NoteHandler(BaseHTTPRequestHandler):
                         return "note", index, index_status, note
                     break  # a private index: show the listing, which hides it
         note = self.note(real, status) if kind == "note" else None
-        if note is not None:
-            if not may_open(note.password, self.key):
-                if self.key is not None:
-                    self.wrong_key()
-                raise HTTPError(403, main=self.key_form(url_path, self.key is not None))
+        if note is not None and not may_open(note.password, self.key):
+            self.refuse()
         return kind, real, status, note
 
     def note(self, real, status):
         """Return the Note at real (without its text), from the index when it is unchanged."""
-        return self.read(real, status)
+        return self.server.index.entry(relative(self.server.root, real), real, status)[1]
 
-    def read(self, real, status=None):
-        """Return the Note at real: from the index given a stat, else read whole from the file."""
-        try:
-            if status is None:
-                return read_note(real, self.server.note_limit)
-            return self.server.index.entry(relative(self.server.root, real), real, status)[1]
-        except PermissionError:
-            raise HTTPError(403, "This note cannot be read by the server (no permission, or it is "
-                                 "being rewritten: try again).") from None
-        except OSError:
-            raise HTTPError(404) from None
+    def refuse(self):
+        """Answer 403 with a key form, counting the request's key, if any, as a wrong guess."""
+        if self.key is not None:
+            self.wrong_key()
+        raise HTTPError(403, main=self.key_form(self.url_path, self.key is not None))
 
     def wrong_key(self):
         """Count a wrong key against this client, logging once when it gets locked out."""
@@ -769,42 +765,32 @@ class NoteHandler(BaseHTTPRequestHandler):
     # -- render → response ----------------------------------------------------
 
     def send_note(self, real, note):
-        """Send a note's page; pages are cached whole (keyless ones gzipped once)."""
+        """Send a note's page, cached whole until the file changes."""
         server = self.server
-        etag = f'W/"{note.mtime_ns:x}-{note.size:x}-{server.salt}"'
-        headers = self.validators(etag, note.mtime_ns, note.password is not None)
-        if self.not_modified(etag, note.mtime_ns):
-            return self.send_body(b"", None, status=304, headers=headers)
-        gzip_ok = self.key is None and "gzip" in self.headers.get("accept-encoding", "")
         # A keyed page carries its key in its links: cached apart, under the key that opened
         # it (the note's own password), and only for private notes, so wrong keys cannot fill it.
-        keyed = self.key is not None
-        variant = ("key", self.key) if keyed else gzip_ok
-        cache_key = ("page", self.url_path, note.mtime_ns, note.size, variant)
-        cacheable = not keyed or note.password is not None
+        cache_key = ("page", self.url_path, note.mtime_ns, note.size, self.key)
+        cacheable = self.key is None or note.password is not None
+        etag = f'W/"{note.mtime_ns:x}-{note.size:x}-{server.salt}"'
         body = server.cache.get(cache_key) if cacheable else None
         if body is None:
             rel = relative(server.root, real)
             article = server.cache.get(("html", rel, note.mtime_ns, note.size))
             if article is None:
-                fresh = self.read(real)
+                fresh = read_note(real, server.note_limit)
                 if not may_open(fresh.password, self.key):  # made private since it was indexed
-                    raise HTTPError(403, main=self.key_form(self.url_path, self.key is not None))
+                    self.refuse()
                 article = self.render_article(fresh, rel)
                 server.cache.put(("html", rel, fresh.mtime_ns, fresh.size), article, len(article) * 2)
-            has_links = "data-wiki=" in article
-            if has_links:
-                article = WIKI_PLACEHOLDER.sub(lambda m: self.wiki_link(m, rel), article)
+            cacheable = cacheable and "data-wiki=" not in article  # wiki targets change without this file
+            article = WIKI_PLACEHOLDER.sub(lambda m: self.wiki_link(m, rel), article)
             folder = rel.rpartition("/")[0]
             body = self.page(f"{note.title} · {self.folder_name(folder)}", article + self.footer(note, rel),
                              folder, etag=etag)
-            if gzip_ok and len(body) >= 1024:
-                body = gzip.compress(body, 6, mtime=0)
-            if cacheable and not has_links:  # wiki targets may change without this file changing
+            if cacheable:
                 server.cache.put(cache_key, body, len(body))
-        if gzip_ok:
-            headers += [("Vary", "Accept-Encoding")] + ([("Content-Encoding", "gzip")] if body[:2] == b"\x1f\x8b" else [])
-        self.send_body(body, "text/html; charset=utf-8", headers=headers)
+        self.send_content(body, "text/html; charset=utf-8", etag, note.mtime_ns, note.password is not None,
+                          gzip_key=cache_key + ("gzip",) if cacheable else None)
 
     def render_article(self, note, rel):
         """Return the article HTML of a note: contents, then the rendered markdown."""
@@ -843,13 +829,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         """Send a folder's sub-folders and the notes this request may see, by title."""
         root, index = self.server.root, self.server.index
         folders, notes = [], []
-        try:
-            with os.scandir(real) as entries:
-                entries = sorted(entries, key=lambda e: e.name.casefold())
-        except PermissionError:
-            raise HTTPError(403, "This folder is not readable by the server.") from None
-        except OSError:
-            raise HTTPError(404) from None
+        with os.scandir(real) as entries:
+            entries = sorted(entries, key=lambda e: e.name.casefold())
         for entry in entries:
             target = guarded(root, entry.path, self.server.forbidden)
             try:
@@ -910,49 +891,27 @@ class NoteHandler(BaseHTTPRequestHandler):
     def send_generated(self, body):
         """Send a listing or search page, with an ETag from its bytes so 304s work."""
         etag = 'W/"%s"' % hashlib.blake2b(body, digest_size=12).hexdigest()
-        private = self.key is not None
-        headers = self.validators(etag, None, private)
-        if self.not_modified(etag, None):
-            return self.send_body(b"", None, status=304, headers=headers)
-        if not private and len(body) >= 1024 and "gzip" in self.headers.get("accept-encoding", ""):
-            body = gzip.compress(body, 6, mtime=0)
-            headers += [("Vary", "Accept-Encoding"), ("Content-Encoding", "gzip")]
-        self.send_body(body, "text/html; charset=utf-8", headers=headers)
+        self.send_content(body, "text/html; charset=utf-8", etag, None, self.key is not None)
 
     def send_file(self, real, status):
         """Send a file as it is (a note's ?raw as text), less a password line it may start with."""
         content_type = "text/plain; charset=utf-8" if "raw" in self.query or real.lower().endswith(NOTE_SUFFIXES) \
             else (mimetypes.guess_type(real)[0] or "application/octet-stream")
-        try:
-            file = open(real, "rb", buffering=0)
-        except PermissionError:
-            raise HTTPError(403, "This file cannot be read by the server (no permission, or it is "
-                                 "being rewritten: try again).") from None
-        except OSError:
-            raise HTTPError(404) from None
-        with file:
+        with open(real, "rb", buffering=0) as file:
             status, head = read_whole(file, SMALL_FILE)
             first, newline, _ = head.partition(b"\n")
             password = password_of(first.decode("utf-8", "replace"))
             if not may_open(password, self.key):
-                if self.key is not None:
-                    self.wrong_key()
-                raise HTTPError(403, main=self.key_form(self.url_path, self.key is not None))
+                self.refuse()
             skip = len(first) + 1 if password is not None else 0
             length = status.st_size - skip
             etag = f'W/"{status.st_mtime_ns:x}-{status.st_size:x}-{self.server.salt}"'
+            if status.st_size <= SMALL_FILE:  # read whole: a file truncated meanwhile still answers whole
+                return self.send_content(head[skip:], content_type, etag, status.st_mtime_ns, password is not None,
+                                         gzip_key=("gzip", real, status.st_mtime_ns, status.st_size, skip))
             headers = self.validators(etag, status.st_mtime_ns, password is not None)
             if self.not_modified(etag, status.st_mtime_ns):
                 return self.send_body(b"", None, status=304, headers=headers)
-            if status.st_size <= SMALL_FILE:  # read whole: a file truncated meanwhile still answers whole
-                body = head[skip:]
-                if (password is None and len(body) >= 1024 and is_text(content_type)
-                        and "gzip" in self.headers.get("accept-encoding", "")):
-                    cache_key = ("gzip", real, status.st_mtime_ns, status.st_size)
-                    body = self.server.cache.get(cache_key) or self.server.cache.put(
-                        cache_key, gzip.compress(body, 6, mtime=0), len(body))
-                    headers += [("Vary", "Accept-Encoding"), ("Content-Encoding", "gzip")]
-                return self.send_body(body, content_type, headers=headers)
             self.send_body(None, content_type, headers=headers + [("Content-Length", str(length))])
             if self.command == "GET":
                 file.seek(skip)
@@ -971,6 +930,23 @@ class NoteHandler(BaseHTTPRequestHandler):
             length -= len(chunk)
 
     # -- response helpers -----------------------------------------------------
+
+    def send_content(self, body, content_type, etag, mtime_ns, private, gzip_key=None):
+        """Send body with its validators: a 304 when the client's copy is current; gzipped
+        (once, when gzip_key names it in the cache) for clients that take it, unless a key
+        is involved: compressed secrets next to guessable text are a compression oracle."""
+        headers = self.validators(etag, mtime_ns, private)
+        if self.not_modified(etag, mtime_ns):
+            return self.send_body(b"", None, status=304, headers=headers)
+        if (self.key is None and not private and len(body) >= 1024 and is_text(content_type)
+                and "gzip" in self.headers.get("accept-encoding", "")):
+            zipped = self.server.cache.get(gzip_key) if gzip_key else None
+            if zipped is None:
+                zipped = gzip.compress(body, 6, mtime=0)
+                if gzip_key:
+                    self.server.cache.put(gzip_key, zipped, len(zipped))
+            body, headers = zipped, headers + [("Vary", "Accept-Encoding"), ("Content-Encoding", "gzip")]
+        self.send_body(body, content_type, headers=headers)
 
     def validators(self, etag, mtime_ns, private):
         """Return the cache headers: private answers are never stored anywhere."""
