@@ -371,7 +371,8 @@ def render_markdown(text):
     while stack:
         headings += 1
         stack.extend(stack.pop()["children"])
-    return body, (f'<details class="contents" open><summary>Contents</summary>{toc}</details>' if headings >= 3 else "")
+    opened = " open" if headings <= 12 else ""  # a long contents list starts folded, out of the text's way
+    return body, (f'<details class="contents"{opened}><summary>Contents</summary>{toc}</details>' if headings >= 3 else "")
 
 
 def quote_url(path):

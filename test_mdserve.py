@@ -620,6 +620,9 @@ def test_table_of_contents_only_with_three_headings(serve):
     assert 'class="contents"' in three and 'href="#two"' in three
     assert 'class="headerlink" href="#three"' in three
     assert 'class="contents"' not in client.get("/two").text
+    client.write("many.md", "".join(f"## Part {i}\n\ntext\n" for i in range(20)))
+    many = client.get("/many").text
+    assert '<details class="contents"><summary>' in many and 'href="#part-19"' in many
 
 
 def test_search_ranks_title_matches_first_with_highlighted_snippets(serve):
@@ -652,6 +655,14 @@ def test_search_sees_private_notes_only_with_their_key(serve):
     assert "password" not in main_of(opened).lower()
     results = main_of(client.get("/?q=password&access_key=k1")).split('<ol class="list">')[1]
     assert "password" not in results.lower() and "No notes" in main_of(client.get("/?q=password&access_key=k1"))
+
+
+def test_search_without_fts5_scans_the_files(serve):
+    client = serve({"a.md": "# Kiwi\n\nfruit\n", "b.md": "# B\n\nkiwi inside\n", "p.md": "password: k\n# Kiwi secret\n"})
+    client.server.index.db = None  # as on a Python built without FTS5
+    main = main_of(client.get("/?q=kiwi"))
+    assert main.index("a.md") < main.index("b.md") and "p.md" not in main
+    assert "p.md" in main_of(client.get("/?q=kiwi&access_key=k"))
 
 
 def test_search_empty_query_lists_and_long_query_is_400(serve):
