@@ -382,7 +382,7 @@ def quote_url(path):
 
 def breadcrumbs(root_name, url_path, key_query):
     """Return the home / folder / note trail for url_path, each step a link."""
-    parts = [p for p in url_path.split("/") if p]
+    parts = [p for p in urllib.parse.unquote(url_path).split("/") if p]
     links = [f'<a href="/{key_query}">{html.escape(root_name)}</a>']
     for depth, part in enumerate(parts):
         href = "/" + "/".join(parts[:depth + 1]) + ("/" if depth + 1 < len(parts) or url_path.endswith("/") else "")
@@ -1183,7 +1183,11 @@ class NoteServer(ThreadingHTTPServer):
             busy = self.connections >= self.max_connections
             self.connections += not busy
         if not busy:
-            return super().process_request(request, client_address)
+            try:
+                return super().process_request(request, client_address)
+            except RuntimeError:  # no thread to be had: refuse like a full server
+                with self.count_lock:
+                    self.connections -= 1
         try:  # refuse cleanly, without a thread and without waiting on the client
             request.setblocking(False)
             if not isinstance(request, ssl.SSLSocket):
@@ -1319,16 +1323,15 @@ def main(argv=None):
         parser.error(f"cannot listen on {args.bind}:{args.port}: {error.strerror or error}")
     for line in banner(server, args.bind, "https" if tls else "http"):
         print(line, flush=True)
-    counter = threading.Thread(target=count_notes, args=(server, sys.stdout), daemon=True)
-    counter.start()
-    counter.join(0.25)  # small folders get their counts in the banner; big ones a moment later
-    print("  Ctrl+C to stop", flush=True)
-
     def interrupt(signum, frame):
         raise KeyboardInterrupt
     if threading.current_thread() is threading.main_thread():
         signal.signal(signal.SIGTERM, interrupt)
     try:
+        counter = threading.Thread(target=count_notes, args=(server, sys.stdout), daemon=True)
+        counter.start()
+        counter.join(0.25)  # small folders get their counts in the banner; big ones a moment later
+        print("  Ctrl+C to stop", flush=True)
         server.serve_forever()
     except KeyboardInterrupt:
         pass

@@ -612,6 +612,9 @@ def test_breadcrumbs_link_every_level(serve):
     client = serve({"a/b/c.md": "# C\n"})
     crumbs = client.get("/a/b/c.md").text.split('<nav class="crumbs">')[1].split("</nav>")[0]
     assert [m for m in re.findall(r'href="([^"]*)"', crumbs)] == ["/", "/a/", "/a/b/", "/a/b/c.md"]
+    client.write("Ü b/ö.md", "# O\n")
+    crumbs = client.get("/%C3%9C%20b/%C3%B6.md").text.split('<nav class="crumbs">')[1].split("</nav>")[0]
+    assert 'href="/%C3%9C%20b/"' in crumbs and ">Ü b</a>" in crumbs and ">ö</a>" in crumbs
 
 
 def test_table_of_contents_only_with_three_headings(serve):
