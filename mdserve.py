@@ -567,34 +567,40 @@ class NoteIndex:
 class KeyGuard:
     """Counts wrong keys per client address and locks out a client that keeps guessing.
 
+    Every request with a key counts as a guess when it starts and is forgiven when the key
+    proves right: so a burst of concurrent guesses gets no more answers than a slow one.
     The table of clients is bounded: past max_clients the least recently seen is dropped.
     """
 
     def __init__(self, clock=time.monotonic, max_clients=10000):
         self.clock, self.max_clients = clock, max_clients
-        self.clients = collections.OrderedDict()   # address -> [failure times, locked until, lockouts]
+        self.clients = collections.OrderedDict()   # address -> [guess times, locked until, lockouts]
         self.lock = threading.Lock()
 
-    def retry_after(self, address):
-        """Return the whole seconds address stays locked out, 0 when it is not."""
-        client = self.clients.get(address)  # a dict read needs no lock
-        return max(0, math.ceil(client[1] - self.clock())) if client else 0
-
-    def failed(self, address):
-        """Record a wrong key from address; return the lock-out in seconds it starts, or 0."""
+    def attempt(self, address):
+        """Count a guess from address; return (seconds it must wait, whether this locked it)."""
         now = self.clock()
         with self.lock:
-            client = self.clients.pop(address, None) or [[], 0.0, 0]
-            self.clients[address] = client
+            client = self.clients.setdefault(address, [[], 0.0, 0])
+            self.clients.move_to_end(address)
             if len(self.clients) > self.max_clients:
                 self.clients.popitem(last=False)
-            client[0] = [t for t in client[0] if now - t < GUESS_WINDOW] + [now]
+            if client[1] > now:
+                return math.ceil(client[1] - now), False
+            client[0] = [t for t in client[0] if now - t < GUESS_WINDOW]
             if len(client[0]) < GUESS_LIMIT:
-                return 0
+                client[0].append(now)
+                return 0, False
             client[0], client[2] = [], client[2] + 1
-            lockout = min(FIRST_LOCKOUT * 2 ** (client[2] - 1), LONGEST_LOCKOUT)
-            client[1] = now + lockout
-            return lockout
+            client[1] = now + min(FIRST_LOCKOUT * 2 ** (client[2] - 1), LONGEST_LOCKOUT)
+            return math.ceil(client[1] - now), True
+
+    def forgive(self, address):
+        """Take back the guess counted for a request whose key was right."""
+        with self.lock:
+            client = self.clients.get(address)
+            if client and client[0]:
+                client[0].pop()
 
 
 # Request handler #############################################################
@@ -641,7 +647,7 @@ class NoteHandler(BaseHTTPRequestHandler):
         self.reader.deadline = time.monotonic() + self.server.client_timeout
         self.reader.budget = MAX_HEADER_BYTES + MAX_REQUEST_LINE
         self.requestline, self.request_version, self.command = "", "", ""
-        self.key, self.url_path, self.query = None, "/", {}
+        self.key, self.url_path, self.query, self.guessing = None, "/", {}, False
         try:
             self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
             if not self.raw_requestline:
@@ -690,6 +696,8 @@ class NoteHandler(BaseHTTPRequestHandler):
             self.send_error(500)
         finally:
             self.server.in_flight.discard(self)
+            if self.guessing:  # the key opened what it asked for, or asked for nothing private
+                self.server.guard.forgive(self.client_address[0])
 
     # -- request → path guard → note ------------------------------------------
 
@@ -702,10 +710,13 @@ class NoteHandler(BaseHTTPRequestHandler):
         self.key = self.query.get("access_key")
         self.url_path = url_path
         if self.key is not None:
-            wait = self.server.guard.retry_after(self.client_address[0])
+            wait, locked_now = self.server.guard.attempt(self.client_address[0])
+            if locked_now:
+                self.log_message("locked out for %d s after %d wrong keys", wait, GUESS_LIMIT)
             if wait:
                 raise HTTPError(429, "Too many wrong keys from your address. Try again later.",
                                 headers=[("Retry-After", str(wait))])
+            self.guessing = True
         kind, real, status, note = self.resolve(url_path)
         if kind == "folder" and not url_path.endswith("/"):
             parts = [p for p in urllib.parse.unquote(url_path).split("/") if p not in ("", ".")]
@@ -752,16 +763,12 @@ class NoteHandler(BaseHTTPRequestHandler):
         return self.server.index.entry(relative(self.server.root, real), real, status)[1]
 
     def refuse(self):
-        """Answer 403 with a key form, counting the request's key, if any, as a wrong guess."""
-        if self.key is not None:
-            self.wrong_key()
+        """Answer 403 with a key form; the request's key, if any, stays counted as a wrong guess."""
+        self.wrong_key()
         raise HTTPError(403, main=self.key_form(self.url_path, self.key is not None))
 
     def wrong_key(self):
-        """Count a wrong key against this client, logging once when it gets locked out."""
-        lockout = self.server.guard.failed(self.client_address[0])
-        if lockout:
-            self.log_message("locked out for %d s after %d wrong keys", lockout, GUESS_LIMIT)
+        self.guessing = False  # the guess counted in route() stands
 
     # -- render → response ----------------------------------------------------
 

@@ -933,8 +933,32 @@ def test_listing_and_search_with_a_useless_key_count_as_guesses(serve):
 def test_lockout_table_is_bounded():
     guard = mdserve.KeyGuard(max_clients=100)
     for n in range(5000):
-        guard.failed(f"10.0.{n // 256}.{n % 256}")
+        guard.attempt(f"10.0.{n // 256}.{n % 256}")
     assert len(guard.clients) == 100
+
+
+def test_a_burst_of_concurrent_guesses_gets_ten_answers_at_most(serve):
+    client = serve(NOTES, clock=FakeClock())
+    statuses, barrier = [], threading.Barrier(40)
+
+    def guess(n):
+        barrier.wait()
+        response = client.get(f"/private.md?access_key=burst{n}")
+        statuses.append(response.status)
+        assert_no_secret(response)
+    threads = [threading.Thread(target=guess, args=(n,)) for n in range(40)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert statuses.count(403) <= 10 and statuses.count(429) >= 30 and len(statuses) == 40
+
+
+def test_right_keys_are_never_locked_out(serve):
+    client = serve(NOTES, clock=FakeClock())
+    for _ in range(30):
+        assert client.get("/private.md?access_key=1234").status == 200
+        assert client.get("/sub/?access_key=1234").status == 200
 
 
 def make_certificate(folder):
