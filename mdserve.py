@@ -569,7 +569,9 @@ class KeyGuard:
 
     Every request with a key counts as a guess when it starts and is forgiven when the key
     proves right: so a burst of concurrent guesses gets no more answers than a slow one.
-    The table of clients is bounded: past max_clients the least recently seen is dropped.
+    The table of clients is bounded: past max_clients the oldest is dropped.  Only starting
+    a lock-out takes the lock; the rest are single deque and dict operations, atomic in
+    CPython, so keyed requests from many threads do not queue on it.
     """
 
     def __init__(self, clock=time.monotonic, max_clients=10000):
@@ -579,28 +581,39 @@ class KeyGuard:
 
     def attempt(self, address):
         """Count a guess from address; return (seconds it must wait, whether this locked it)."""
-        now = self.clock()
-        with self.lock:
-            client = self.clients.setdefault(address, [[], 0.0, 0])
-            self.clients.move_to_end(address)
-            if len(self.clients) > self.max_clients:
+        now, client = self.clock(), self.clients.get(address)
+        if client is None:
+            client = self.clients.setdefault(address, [collections.deque(), 0.0, 0])
+            while len(self.clients) > self.max_clients:
                 self.clients.popitem(last=False)
-            if client[1] > now:
+        if client[1] > now:
+            return math.ceil(client[1] - now), False
+        guesses = client[0]
+        try:
+            while now - guesses[0] >= GUESS_WINDOW:
+                guesses.popleft()
+        except IndexError:  # none left (another thread may have taken the last)
+            pass
+        if len(guesses) < GUESS_LIMIT:
+            guesses.append(now)
+            return 0, False
+        with self.lock:
+            if client[1] > now:  # another thread locked it first
                 return math.ceil(client[1] - now), False
-            client[0] = [t for t in client[0] if now - t < GUESS_WINDOW]
-            if len(client[0]) < GUESS_LIMIT:
-                client[0].append(now)
-                return 0, False
-            client[0], client[2] = [], client[2] + 1
+            guesses.clear()
+            client[2] += 1
             client[1] = now + min(FIRST_LOCKOUT * 2 ** (client[2] - 1), LONGEST_LOCKOUT)
+            self.clients.move_to_end(address)
             return math.ceil(client[1] - now), True
 
     def forgive(self, address):
         """Take back the guess counted for a request whose key was right."""
-        with self.lock:
-            client = self.clients.get(address)
-            if client and client[0]:
+        client = self.clients.get(address)
+        if client and client[0]:
+            try:
                 client[0].pop()
+            except IndexError:  # emptied by another thread meanwhile
+                pass
 
 
 # Request handler #############################################################
