@@ -904,7 +904,8 @@ class NoteHandler(BaseHTTPRequestHandler):
             for rel, note in results)
         shown = " ".join(words)
         where = f" in {html.escape(self.folder_name(folder))}" if folder else ""
-        found = f"{len(results)}{'+' if len(results) == SEARCH_RESULTS else ''} notes" if results else "No notes"
+        count = len(results)
+        found = f"{count}{'+' if count == SEARCH_RESULTS else ''} note{'s' if count > 1 else ''}" if count else "No notes"
         main = (f'<h1>Search: {html.escape(shown)}</h1><p class="meta-top">{found}{where}.</p>'
                 f'<ol class="list">{rows}</ol>')
         self.send_generated(self.page(f"Search: {shown} · {self.folder_name(folder)}", main, folder, query=shown))
