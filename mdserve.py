@@ -1176,7 +1176,9 @@ class NoteServer(ThreadingHTTPServer):
         self.forbidden = {os.path.realpath(__file__)} | {os.path.realpath(p) for p in (tls or ())}
         self.reload, self.note_limit, self.client_timeout = reload, int(max_note_mb * 2**20), client_timeout
         self.max_connections, self.connections, self.stopping = max_connections, 0, False
-        self.log, self.log_lines = log or sys.stderr, collections.deque()
+        self.log, self.log_lines, self.log_lock = log or sys.stderr, collections.deque(maxlen=100000), threading.Lock()
+        self.closed = threading.Event()
+        threading.Thread(target=self.write_log, daemon=True).start()
         script = f"'{RELOAD_HASH}'" if reload else "'none'"
         common = "X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n"
         self.security_headers = {False: common, True: common + f"Content-Security-Policy: {CSP.format(script=script)}\r\n"}
@@ -1231,21 +1233,30 @@ class NoteServer(ThreadingHTTPServer):
             self.log_line(f"mdserve: error answering {client_address[0]}: {type(error).__name__}\n")
 
     def log_line(self, line):
-        # Kept, then written by serve_forever's loop: a write per request would hand the
-        # GIL to another thread and back, the costliest thing a warm request can do.
+        # Kept, then written by a thread of its own: a write per request would hand the GIL
+        # to another thread and back (the costliest thing a warm request can do), and a log
+        # nobody reads (a full pipe) must not stop anything but the log.
         self.log_lines.append(line)
 
-    def service_actions(self):
-        super().service_actions()
-        self.flush_log()
+    def write_log(self):
+        while not self.closed.wait(0.2):
+            self.flush_log()
 
     def flush_log(self):
-        lines = []
-        while self.log_lines:
-            lines.append(self.log_lines.popleft())
-        if lines:
-            self.log.write("".join(lines))
-            self.log.flush()
+        with self.log_lock:
+            lines = []
+            while self.log_lines:
+                lines.append(self.log_lines.popleft())
+            try:
+                if lines:
+                    self.log.write("".join(lines))
+                    self.log.flush()
+            except (OSError, ValueError):  # the log's reader is gone: lose the lines, not the server
+                pass
+
+    def server_close(self):
+        super().server_close()
+        self.closed.set()
 
     def stop(self, grace=5.0):
         """Stop accepting, give requests in flight up to grace seconds, then close."""

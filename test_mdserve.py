@@ -1135,6 +1135,24 @@ def test_client_disconnect_mid_response_is_silent(serve):
     assert "Traceback" not in log and "error" not in log.lower()
 
 
+def test_a_log_nobody_reads_does_not_stop_the_server(tmp_path):
+    read_end, write_end = os.pipe()   # a pipe whose reader never reads: its buffer fills, writes block
+    server = mdserve.make_server(str(tmp_path), log=os.fdopen(write_end, "w"))
+    (tmp_path / "a.md").write_text("# A\n")
+    thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
+    thread.start()
+    try:
+        connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=5)
+        for n in range(1500):  # about 100 KB of log lines: more than a pipe holds
+            connection.request("GET", f"/a.md?n={n}")
+            response = connection.getresponse()
+            assert response.status == 200 and b"<h1" in response.read()
+        connection.close()
+    finally:
+        server.shutdown()
+        os.close(read_end)
+
+
 def test_stop_finishes_a_response_in_flight(serve):
     data = os.urandom(48 * 1024 * 1024)   # more than the socket buffers hold: the server is still sending
     client = serve({"big.bin": data})
