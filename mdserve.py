@@ -1142,9 +1142,12 @@ def query_params(query):
 
 def redact(text):
     """Return text with the value of every access_key parameter replaced by ***."""
-    if "access_key=" in text:  # the usual spelling, without a regular expression: it is on every keyed request
-        first, *rest = text.split("access_key=")
-        text = first + "".join("access_key=***" + value[len(VALUE_END.split(value, 1)[0]):] for value in rest)
+    start = text.find("access_key=")
+    while start >= 0:  # the usual spelling, found cheaply: it is on every keyed request
+        value = start + len("access_key=")
+        end = VALUE_END.search(text, value)
+        text = text[:value] + "***" + (text[end.start():] if end else "")
+        start = text.find("access_key=", value + 3)
     if "%" not in text:  # no parameter name can be spelled another way
         return text
 
