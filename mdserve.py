@@ -37,6 +37,7 @@ import socket
 import sqlite3
 import ssl
 import stat
+import struct
 import sys
 import threading
 import time
@@ -627,7 +628,9 @@ class _DeadlineReader(socket.SocketIO):
         # Checked after each read, not by resetting the socket's timeout: settimeout() is a
         # system call that drops the GIL, and every such handoff costs the hot path dearly.
         count = super().readinto(buffer)
-        self.budget -= count or 0
+        if count is None:  # SO_RCVTIMEO ran out (SocketIO turns EAGAIN into None)
+            raise TimeoutError("client idle")
+        self.budget -= count
         if self.budget < 0:
             raise HTTPError(431)
         if self.deadline is not None and time.monotonic() > self.deadline:
@@ -644,8 +647,16 @@ class NoteHandler(BaseHTTPRequestHandler):
     disable_nagle_algorithm = True  # never wait ~40 ms for an ACK before the next response
 
     def setup(self):
-        self.timeout = self.server.client_timeout
         super().setup()
+        # The idle timeout is the kernel's (SO_RCVTIMEO/SO_SNDTIMEO): a Python socket timeout
+        # would poll() before every recv and send, two more GIL handoffs on every request.
+        seconds = self.server.client_timeout
+        try:
+            timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+            for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+                self.connection.setsockopt(socket.SOL_SOCKET, option, timeval)
+        except (OSError, struct.error):  # a platform without them: Python's own timeout
+            self.connection.settimeout(seconds)
         self.reader = _DeadlineReader(self.connection, "rb")
         self.rfile = io.BufferedReader(self.reader)
 
@@ -696,8 +707,8 @@ class NoteHandler(BaseHTTPRequestHandler):
             self.route()
         except HTTPError as error:
             self.send_error(error.status, explain=error.explain, main=error.main, headers=error.headers)
-        except (ConnectionError, TimeoutError, socket.timeout, ssl.SSLError):
-            self.close_connection = True
+        except (ConnectionError, TimeoutError, BlockingIOError, socket.timeout, ssl.SSLError):
+            self.close_connection = True  # the client went away, or stopped reading (SO_SNDTIMEO)
         except PermissionError:  # unreadable, or rewritten under us on every try (read_whole)
             self.send_error(403, explain="The server cannot read this right now (no permission, or it is being "
                                          "rewritten: try again)")

@@ -1013,6 +1013,22 @@ def test_idle_connections_do_not_stop_others(serve):
             sock.close()
 
 
+@pytest.mark.parametrize("sent", [b"", b"GET /plain HTTP/1.1\r\nHost: x\r\n\r\n"])
+def test_idle_connection_is_closed_after_the_timeout(serve, sent):
+    client = serve(NOTES, client_timeout=0.5)
+    with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
+        sock.sendall(sent)   # nothing at all, or one request and then silence (keep-alive)
+        started, received = time.monotonic(), b""
+        while True:
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            received += chunk
+        assert 0.4 < time.monotonic() - started < 3
+    assert received.startswith(b"HTTP/1.1 200") if sent else received == b""
+    assert client.get("/plain").status == 200
+
+
 def test_slow_trickle_of_headers_is_cut_off(serve):
     client = serve(NOTES, client_timeout=0.5)
     with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
