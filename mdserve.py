@@ -1336,13 +1336,13 @@ def main(argv=None):
     parser.add_argument("-b", "--bind", default="0.0.0.0", metavar="ADDRESS",
                         help="address to listen on (default: all interfaces; 127.0.0.1 keeps it to this machine)")
     parser.add_argument("--no-reload", action="store_true", help="do not reload open pages when their note changes")
-    parser.add_argument("--cache-mb", type=float, default=64, help="memory for rendered pages, in MB (default: 64)")
-    parser.add_argument("--max-note-mb", type=float, default=10,
+    parser.add_argument("--cache-mb", type=float, default=64, metavar="MB", help="memory for rendered pages, in MB (default: 64)")
+    parser.add_argument("--max-note-mb", type=float, default=10, metavar="MB",
                         help="larger notes are offered as raw text instead of rendered (default: 10)")
     parser.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
-    parser.add_argument("--max-connections", type=int, default=256, help="open connections at once (default: 256)")
-    parser.add_argument("--timeout", type=float, default=10, help="seconds a client may be idle (default: 10)")
+    parser.add_argument("--max-connections", type=int, default=256, metavar="N", help="open connections at once (default: 256)")
+    parser.add_argument("--timeout", type=float, default=10, metavar="SECONDS", help="seconds a client may be idle or take to send a request (default: 10)")
     parser.add_argument("--version", action="version", version=f"mdserve {__version__}")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.folder):
