@@ -373,7 +373,8 @@ def render_markdown(text):
         headings += 1
         stack.extend(stack.pop()["children"])
     opened = " open" if headings <= 12 else ""  # a long contents list starts folded, out of the text's way
-    return body, (f'<details class="contents"{opened}><summary>Contents</summary>{toc}</details>' if headings >= 3 else "")
+    contents = f'<details class="contents"{opened}><summary>Contents</summary>{toc}</details>'
+    return body, (contents if headings >= 3 else "")
 
 
 def quote_url(path):
@@ -916,7 +917,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         shown = " ".join(words)
         where = f" in {html.escape(self.folder_name(folder))}" if folder else ""
         count = len(results)
-        found = f"{count}{'+' if count == SEARCH_RESULTS else ''} note{'s' if count > 1 else ''}" if count else "No notes"
+        more, plural = "+" if count == SEARCH_RESULTS else "", "s" if count > 1 else ""
+        found = f"{count}{more} note{plural}" if count else "No notes"
         main = (f'<h1>Search: {html.escape(shown)}</h1><p class="meta-top">{found}{where}.</p>'
                 f'<ol class="list">{rows}</ol>')
         self.send_generated(self.page(f"Search: {shown} · {self.folder_name(folder)}", main, folder, query=shown))
@@ -1195,7 +1197,8 @@ class NoteServer(ThreadingHTTPServer):
         threading.Thread(target=self.write_log, daemon=True).start()
         script = f"'{RELOAD_HASH}'" if reload else "'none'"
         common = "X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n"
-        self.security_headers = {False: common, True: common + f"Content-Security-Policy: {CSP.format(script=script)}\r\n"}
+        csp = f"Content-Security-Policy: {CSP.format(script=script)}\r\n"
+        self.security_headers = {False: common, True: common + csp}   # by: is it an HTML page?
         self.cache = LRUCache(int(cache_mb * 2**20))
         self.real_paths = {}
         self.index = NoteIndex(self.root, self.note_limit, self.forbidden)
@@ -1311,7 +1314,7 @@ def banner(server, host, scheme):
              f"  on this machine:  {url('127.0.0.1' if host in ('', '0.0.0.0') else '::1' if host == '::' else host)}"]
     if host in ("", "0.0.0.0", "::"):
         address = lan_address()
-        lines.append(f"  on your network:  {url(address)}" if address else "  on your network:  (no network address found)")
+        lines.append(f"  on your network:  {url(address) if address else '(no network address found)'}")
     return lines
 
 
@@ -1336,13 +1339,16 @@ def main(argv=None):
     parser.add_argument("-b", "--bind", default="0.0.0.0", metavar="ADDRESS",
                         help="address to listen on (default: all interfaces; 127.0.0.1 keeps it to this machine)")
     parser.add_argument("--no-reload", action="store_true", help="do not reload open pages when their note changes")
-    parser.add_argument("--cache-mb", type=float, default=64, metavar="MB", help="memory for rendered pages, in MB (default: 64)")
+    parser.add_argument("--cache-mb", type=float, default=64, metavar="MB",
+                        help="memory for rendered pages, in MB (default: 64)")
     parser.add_argument("--max-note-mb", type=float, default=10, metavar="MB",
                         help="larger notes are offered as raw text instead of rendered (default: 10)")
     parser.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
-    parser.add_argument("--max-connections", type=int, default=256, metavar="N", help="open connections at once (default: 256)")
-    parser.add_argument("--timeout", type=float, default=10, metavar="SECONDS", help="seconds a client may be idle or take to send a request (default: 10)")
+    parser.add_argument("--max-connections", type=int, default=256, metavar="N",
+                        help="open connections at once (default: 256)")
+    parser.add_argument("--timeout", type=float, default=10, metavar="SECONDS",
+                        help="seconds a client may be idle or take to send a request (default: 10)")
     parser.add_argument("--version", action="version", version=f"mdserve {__version__}")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.folder):
