@@ -465,7 +465,8 @@ class NoteIndex:
             self.db = None
 
     def entry(self, rel, real, status):
-        """Return the (rowid, Note) for a note, re-reading it when it changed since last seen."""
+        """Return the (rowid, Note) for a note, re-reading it when it changed since last seen.
+        The index keeps no text (FTS5 holds it); a Note just read still has its text."""
         old = self.entries.get(rel)
         if old and (old[1].mtime_ns, old[1].size) == (status.st_mtime_ns, status.st_size):
             return old
@@ -474,14 +475,14 @@ class NoteIndex:
             old = self.entries.get(rel)
             rowid = old[0] if old else self.next_rowid
             self.next_rowid += not old
-            self.entries[rel], self.by_rowid[rowid] = (rowid, note), rel
+            kept = Note(note.title, note.password, None, note.mtime_ns, note.size, note.too_large)
+            self.entries[rel], self.by_rowid[rowid] = (rowid, kept), rel
             self.stems[os.path.splitext(rel.rsplit("/", 1)[-1])[0].casefold()].add(rel)
             if self.db:
                 self.db.execute("DELETE FROM fts WHERE rowid = ?", (rowid,))
                 text = "" if note.too_large else note.text.replace("\x01", "").replace("\x02", "")
                 self.db.execute("INSERT INTO fts(rowid, title, body) VALUES (?, ?, ?)", (rowid, note.title, text))
-            note.text = None  # FTS5 holds it; pages and snippets re-read the file
-        return self.entries[rel]
+        return rowid, note
 
     def forget(self, rel):
         with self.lock:
@@ -752,13 +753,13 @@ class NoteHandler(BaseHTTPRequestHandler):
         if self.key is not None and kind == "folder" and not self.server.index.opens_any(self.key):
             self.wrong_key()  # a listing or search would tell a key that opens something
         if kind == "folder":
-            words = self.query.get("q", "").split()
-            if len(self.query.get("q", "")) >= MAX_QUERY_WORDS:
+            search = self.query.get("q", "")
+            if len(search) >= MAX_QUERY_WORDS:
                 raise HTTPError(400, "That search is too long.")
-            return self.send_search(real, words) if words else self.send_listing(real)
+            return self.send_search(real, search.split()) if search.split() else self.send_listing(real)
         if kind == "note" and "raw" not in self.query:
             return self.send_note(real, note)
-        return self.send_file(real, status)
+        return self.send_file(real)
 
     def resolve(self, url_path):
         """Return (kind, real path, stat, Note or None) for url_path, or raise HTTPError: 404 when it is
@@ -810,7 +811,7 @@ class NoteHandler(BaseHTTPRequestHandler):
             rel = relative(server.root, real)
             article = server.cache.get(("html", rel, note.mtime_ns, note.size))
             if article is None:
-                fresh = read_note(real, server.note_limit)
+                fresh = note if note.text is not None else read_note(real, server.note_limit)
                 if not may_open(fresh.password, self.key):  # made private since it was indexed
                     self.refuse()
                 article = self.render_article(fresh, rel)
@@ -928,13 +929,13 @@ class NoteHandler(BaseHTTPRequestHandler):
         etag = 'W/"%s"' % hashlib.blake2b(body, digest_size=12).hexdigest()
         self.send_content(body, "text/html; charset=utf-8", etag, None, self.key is not None)
 
-    def send_file(self, real, status):
+    def send_file(self, real):
         """Send a file as it is (a note's ?raw as text), less a password line it may start with."""
         content_type = "text/plain; charset=utf-8" if "raw" in self.query or real.lower().endswith(NOTE_SUFFIXES) \
             else (mimetypes.guess_type(real)[0] or "application/octet-stream")
         with open(real, "rb", buffering=0) as file:
             status, head = read_whole(file, SMALL_FILE)
-            first, newline, _ = head.partition(b"\n")
+            first = head.partition(b"\n")[0]
             password = password_of(first.decode("utf-8", "replace"))
             if not may_open(password, self.key):
                 self.refuse()
