@@ -19,6 +19,7 @@ __all__ = ["NoteServer", "NoteHandler", "make_server", "main"]
 import argparse
 import base64
 import collections
+import contextlib
 import email.utils
 import functools
 import gzip
@@ -32,6 +33,7 @@ import mimetypes
 import os
 import queue
 import re
+import shutil
 import signal
 import socket
 import sqlite3
@@ -39,6 +41,7 @@ import ssl
 import stat
 import struct
 import sys
+import tempfile
 import threading
 import time
 import urllib.parse
@@ -63,8 +66,16 @@ MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 32 * 1024
 MAX_QUERY_WORDS = 1000          # characters in ?q=
 SEARCH_RESULTS = 50
+SEARCH_TERMS = 10               # distinct words a search uses; the rest are ignored
+MIN_PREFIX = 3                  # shorter words match whole words only: "a*" would match nearly everything
+SEARCH_SECONDS = 1.0            # a search stops after this long and says so
+SCAN_SECONDS = 5.0              # the same for the file scan of a Python without FTS5
+RANK_LIMIT = 2000               # past this many matches, results are not ranked (ranking scores each one)
+INDEX_PAUSE = 0.5               # seconds at least between two walks of the indexer
+RENDER_SECONDS = 5.0            # a note that takes longer to render is shown as text
 SMALL_FILE = 1024 * 1024        # static files up to this size are read whole (and may be gzipped)
 GUESS_LIMIT, GUESS_WINDOW, FIRST_LOCKOUT, LONGEST_LOCKOUT = 10, 60.0, 60.0, 900.0
+QUIET_PERIOD = 1800.0           # each half hour without a lock-out halves the next one
 KNOWN_METHODS = {"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 PASSWORD_LINE = re.compile(r"password:(.*)", re.IGNORECASE)
 HEADING = re.compile(r"#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*")
@@ -169,12 +180,13 @@ class HTTPError(Exception):
 # Notes #######################################################################
 
 class Note:
-    """A note's text less its password line, with what listings need to know of it."""
-    __slots__ = ("title", "password", "text", "mtime_ns", "size", "too_large")
+    """A note's text less its password line, with what listings need to know of it.
+    row is its row in the text index (0 while this version is not indexed)."""
+    __slots__ = ("title", "password", "text", "mtime_ns", "size", "too_large", "row", "racy")
 
-    def __init__(self, title, password, text, mtime_ns, size, too_large=False):
+    def __init__(self, title, password, text, mtime_ns, size, too_large=False, row=0):
         self.title, self.password, self.text = title, password, text
-        self.mtime_ns, self.size, self.too_large = mtime_ns, size, too_large
+        self.mtime_ns, self.size, self.too_large, self.row, self.racy = mtime_ns, size, too_large, row, False
 
 
 def password_of(first_line):
@@ -244,6 +256,14 @@ def read_note(path, limit):
     name = os.path.splitext(os.path.basename(path))[0]
     return Note(title or first_heading(body) or name, password, body,
                 status.st_mtime_ns, status.st_size, status.st_size > limit)
+
+
+def racy(mtime_ns):
+    """True when a file may still change without its mtime changing ("racy git"): it was
+    changed less than one tick of its file system's clock ago.  A whole-second mtime shows
+    a coarse clock (FAT: 2 s, HFS+ and ext3: 1 s); finer ones tick at least every 20 ms."""
+    tick = 2 * 10**9 if mtime_ns % (2 * 10**9) == 0 else 10**9 if mtime_ns % 10**9 == 0 else 2 * 10**7
+    return time.time_ns() - mtime_ns < tick
 
 
 def may_open(password, key):
@@ -354,6 +374,66 @@ class WikiLinks(InlineProcessor):
         return link, match.start(0), match.end(0)
 
 
+class TooSlow(BaseException):
+    """Raised inside a computation that ran past its deadline (see Watchdog)."""
+
+
+class Watchdog:
+    """Interrupts a thread that overruns its deadline, by raising TooSlow in it.
+
+    Python-Markdown has quadratic corners (Python-Markdown#798: "[" * 10000 takes seconds)
+    that no check of the input foresees, so a render gets a deadline instead.  The
+    exception is raised with CPython's PyThreadState_SetAsyncExc, at the next bytecode
+    the thread runs; where ctypes is missing, nothing is interrupted (a render that was
+    slow is still remembered as slow, so it is not forced to run again).
+    """
+
+    def __init__(self):
+        self.lock, self.deadlines, self.wakeup, self.thread = threading.Lock(), {}, threading.Event(), None
+        try:
+            import ctypes
+            self.raise_in = ctypes.pythonapi.PyThreadState_SetAsyncExc
+            self.ident, self.exception = ctypes.c_ulong, ctypes.py_object(TooSlow)
+        except (ImportError, AttributeError):
+            self.raise_in = None
+
+    @contextlib.contextmanager
+    def limit(self, seconds):
+        """Run the body with a deadline: TooSlow is raised in it once seconds have passed."""
+        if self.raise_in is None:
+            yield
+            return
+        ident = threading.get_ident()
+        with self.lock:
+            self.deadlines[ident] = time.monotonic() + seconds
+            if self.thread is None:
+                self.thread = threading.Thread(target=self.watch, name="mdserve-watchdog", daemon=True)
+                self.thread.start()
+        self.wakeup.set()
+        try:
+            yield
+        finally:
+            with self.lock:
+                fired = self.deadlines.pop(ident, None) is None
+                if fired:  # an exception set but not yet raised must not go off in the caller later
+                    self.raise_in(self.ident(ident), None)
+            if fired:
+                raise TooSlow()
+
+    def watch(self):
+        while True:
+            with self.lock:
+                now = time.monotonic()
+                for ident, deadline in list(self.deadlines.items()):
+                    if deadline <= now:
+                        del self.deadlines[ident]
+                        self.raise_in(self.ident(ident), self.exception)
+                wait = min(self.deadlines.values(), default=now + 60) - now
+            self.wakeup.wait(max(wait, 0.01))
+            self.wakeup.clear()
+
+
+WATCHDOG = Watchdog()  # one for the process: it only sleeps until the nearest render deadline
 _renderers = queue.SimpleQueue()  # Markdown objects keep state: one per render at a time, reused
 
 
@@ -442,151 +522,465 @@ class LRUCache:
         return value
 
 
-class NoteIndex:
-    """Title, privacy and text of every note, for listings, search and wiki links.
+class SingleFlight:
+    """Runs one computation per key at a time, at most `slots` at once: whoever asks for a
+    key already being computed waits for that result instead of computing it again."""
 
-    Entries are refreshed by (mtime, size): a listing re-reads only what changed in its
-    folder, a search walks its folder first.  Text goes into an in-memory SQLite FTS5
-    table where the Python build has FTS5; otherwise search scans the files.
+    def __init__(self, slots):
+        self.lock, self.running = threading.Lock(), {}
+        self.slots = threading.BoundedSemaphore(slots)
+
+    def run(self, key, compute):
+        with self.lock:
+            flight = self.running.get(key)
+            leader = flight is None
+            if leader:
+                flight = self.running[key] = [threading.Event(), None]
+        if not leader:
+            flight[0].wait()
+            if flight[1] is None:
+                raise RuntimeError("the computation this request waited for failed")
+            return flight[1]
+        try:
+            with self.slots:
+                flight[1] = compute()
+        finally:
+            with self.lock:
+                del self.running[key]
+            flight[0].set()
+        return flight[1]
+
+
+def search_terms(query):
+    """Return the distinct words of a search, at most SEARCH_TERMS: letters and digits only,
+    so nothing a user types is ever search syntax ("title:", NEAR(, OR, quotes, *, -, ^)."""
+    terms = []
+    for word in re.findall(r"[^\W_]+", query):
+        word = word.casefold()
+        if word not in terms:
+            terms.append(word)
+    return terms[:SEARCH_TERMS]
+
+
+def match_expression(terms, column=None):
+    """Return the FTS5 query for terms: every word, each a prefix once it is long enough."""
+    words = " ".join(f'"{t}"*' if len(t) >= MIN_PREFIX else f'"{t}"' for t in terms)
+    return f"{column} : ({words})" if column else words
+
+
+def scope_token(folder):
+    """Return the word that the text index files every note under folder with ('' for all)."""
+    return "zzscope" + hashlib.blake2b(folder.encode("utf-8", "surrogateescape"), digest_size=8).hexdigest()
+
+
+def index_fields(rel):
+    """Return (the words of a note's folder and file name, its folder scope words) for the text index."""
+    folders = rel.split("/")[:-1]
+    names = " ".join(folders + [os.path.splitext(rel.rpartition("/")[2])[0]])
+    scopes = " ".join(scope_token("/".join(folders[:depth])) for depth in range(1, len(folders) + 1))
+    return names, scopes
+
+
+class NoteIndex:
+    """Everything known of the notes without reading them again: titles, privacy, the names
+    wiki links use, and a full-text index for search.
+
+    One background thread, the indexer, walks the folder at start-up and then again and
+    again at a bounded rate; a request never walks or indexes.  Requests that read a note
+    keep what they learn (title, privacy) in memory, where listings find it.
+
+    The text index is SQLite FTS5 in a temporary file, in WAL mode, so searches read on
+    connections of their own while the indexer writes, and no lock is held while they run.
+    Its two tables hold no copy of the text (contentless), and private notes are in the
+    second one: a search without a key never reads the index of private text, so its time
+    cannot depend on it.  A contentless row cannot be deleted, so a changed note gets a new
+    row, and the notes table says which rows are current; the index is built afresh once
+    the dead rows outnumber the live ones.
     """
 
-    def __init__(self, root, note_limit, forbidden=()):
+    def __init__(self, root, note_limit, forbidden=(), fts=True):
         self.root, self.note_limit, self.forbidden = root, note_limit, forbidden
-        self.entries, self.by_rowid, self.stems = {}, {}, collections.defaultdict(set)
-        self.lock, self.next_rowid, self.walked = threading.RLock(), 1, {}   # walked: folder -> time
-        self.db = sqlite3.connect(":memory:", check_same_thread=False)
-        for tokenizer in ("unicode61 remove_diacritics 2", "unicode61"):
-            try:
-                self.db.execute(f"CREATE VIRTUAL TABLE fts USING fts5(title, body, tokenize='{tokenizer}')")
-                break
-            except sqlite3.OperationalError:
-                continue
-        else:
+        self.notes = {}                                    # relative path -> Note without its text
+        self.stems = collections.defaultdict(set)          # file name less suffix, casefolded -> paths
+        self.folders = collections.defaultdict(collections.Counter)  # folder -> its notes, by who may open them
+        self.openers = collections.Counter()               # opener digest -> notes it opens
+        self.secret = os.urandom(32)
+        self.lock = threading.Lock()                       # for changes to the maps above
+        self.total = self.done = self.dead = 0
+        self.next_row = 1
+        self.complete, self.stopped, self.nudge = threading.Event(), threading.Event(), threading.Event()
+        self.passes, self.passes_done, self.passes_changed = 0, 0, threading.Condition()
+        self.thread = None
+        self.readers = queue.SimpleQueue()
+        self.folder = tempfile.mkdtemp(prefix="mdserve-")  # 0700: the index is the user's alone
+        self.path = os.path.join(self.folder, "index.sqlite3")
+        self.db = self.connect() if fts else None
+        if self.db is not None and not self.create_tables():
+            self.db.close()
             self.db = None
 
-    def entry(self, rel, real, status):
-        """Return the (rowid, Note) for a note, re-reading it when it changed since last seen.
-        The index keeps no text (FTS5 holds it); a Note just read still has its text."""
-        old = self.entries.get(rel)
-        if old and (old[1].mtime_ns, old[1].size) == (status.st_mtime_ns, status.st_size):
-            return old
-        note = read_note(real, self.note_limit)
-        with self.lock:
-            old = self.entries.get(rel)
-            rowid = old[0] if old else self.next_rowid
-            self.next_rowid += not old
-            kept = Note(note.title, note.password, None, note.mtime_ns, note.size, note.too_large)
-            self.entries[rel], self.by_rowid[rowid] = (rowid, kept), rel
-            self.stems[os.path.splitext(rel.rsplit("/", 1)[-1])[0].casefold()].add(rel)
-            if self.db:
-                self.db.execute("DELETE FROM fts WHERE rowid = ?", (rowid,))
-                text = "" if note.too_large else note.text.replace("\x01", "").replace("\x02", "")
-                self.db.execute("INSERT INTO fts(rowid, title, body) VALUES (?, ?, ?)", (rowid, note.title, text))
-        return rowid, note
+    def connect(self):
+        db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=OFF")  # a temporary index: a crash loses nothing worth keeping
+        return db
 
-    def forget(self, rel):
-        with self.lock:
-            rowid, _ = self.entries.pop(rel)
-            del self.by_rowid[rowid]
-            self.stems[os.path.splitext(rel.rsplit("/", 1)[-1])[0].casefold()].discard(rel)
-            if self.db:
-                self.db.execute("DELETE FROM fts WHERE rowid = ?", (rowid,))
-
-    def refresh(self, folder="", max_age=0.0):
-        """Bring the entries under folder ('' for all) up to date with the disk, unless it
-        (or a folder above it) was walked less than max_age seconds ago."""
-        parts = folder.split("/") if folder else []
-        scopes = ["/".join(parts[:depth]) for depth in range(len(parts) + 1)]
-        if any(time.monotonic() - self.walked.get(scope, -math.inf) < max_age for scope in scopes):
-            return
-        started = time.monotonic()
-        prefix, seen = folder + "/" if folder else "", set()
-        for rel, real, status in note_files(self.root, os.path.join(self.root, folder), self.forbidden):
+    def create_tables(self):
+        """Create the index; False where this Python's SQLite has no FTS5."""
+        self.db.execute("CREATE TABLE IF NOT EXISTS notes(row INTEGER PRIMARY KEY, path TEXT NOT NULL, opener BLOB)")
+        self.db.execute("CREATE INDEX IF NOT EXISTS notes_by_path ON notes(path)")
+        for tokenizer in ("unicode61 remove_diacritics 2", "unicode61"):
             try:
-                self.entry(rel, real, status)
-                seen.add(rel)
-            except OSError:  # vanished or unreadable since the walk
+                for table in ("public_text", "private_text"):
+                    self.db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING fts5(title, names, body, "
+                                    f"scope, content='', tokenize='{tokenizer}')")
+                    # Title words weigh most, then folder and file names; scope words are for filtering only.
+                    self.db.execute(f"INSERT INTO {table}({table}, rank) VALUES ('rank', 'bm25(10.0, 5.0, 1.0, 0.0)')")
+                return True
+            except sqlite3.OperationalError:
                 continue
-        with self.lock:
-            for rel in [r for r in self.entries if r.startswith(prefix) and r not in seen]:
-                self.forget(rel)
-        if len(self.walked) > 10000:
-            self.walked.clear()
-        self.walked[folder] = started
+        return False
+
+    # -- what requests ask -----------------------------------------------------
+
+    def note(self, rel, real, status):
+        """Return the Note at rel as it is on disk now: from memory while its (mtime, size)
+        still match, else read again, and then with its text, for a caller about to render."""
+        known = self.notes.get(rel)
+        if is_current(known, status):
+            return known
+        note = read_note(real, self.note_limit)
+        self.remember(rel, note, 0)  # the indexer brings the text index up to date on its next pass
+        return note
+
+    def opener(self, password):
+        """Return what stands for a password in memory and in the index: a keyed digest, so
+        a key is looked up without comparing it with each password (None: public)."""
+        if password is None:
+            return None
+        return hmac.new(self.secret, password.encode("utf-8", "surrogateescape"), "sha256").digest() \
+            if password else b""  # an empty password opens nothing: no digest equals b""
 
     def opens_any(self, key):
-        """True when key opens at least one private note anywhere in the folder."""
-        self.refresh(max_age=2.0)
-        with self.lock:
-            passwords = [note.password for _, note in self.entries.values() if note.password]
-        return any(may_open(password, key) for password in passwords)
+        """True when key opens at least one private note the index knows of."""
+        return key is not None and self.openers.get(self.opener(key), 0) > 0
+
+    def folder_visible(self, folder, key):
+        """False for a folder whose notes are all private to this request: even its name is hidden."""
+        if not self.complete.is_set():  # not all counted yet: look, rather than show a private name
+            return self.scan_visible(folder, key)
+        counts = self.folders.get(folder)
+        if not counts or not counts["private"]:
+            return True
+        return counts["notes"] > counts["private"] or (key is not None and counts[self.opener(key)] > 0)
+
+    def scan_visible(self, folder, key):
+        private = False
+        for rel, real, status in note_files(self.root, os.path.join(self.root, folder), self.forbidden):
+            try:
+                note = self.note(rel, real, status)
+            except OSError:
+                continue
+            if may_open(note.password, key):
+                return True
+            private = True
+        return not private
 
     def find(self, name, folder):
         """Return the relative path of the note named name: in folder first, then the shortest anywhere."""
-        self.refresh(max_age=2.0)
         with self.lock:
             matches = sorted(self.stems.get(name.casefold(), ()), key=lambda r: (r.count("/"), r))
         local = [r for r in matches if r.rpartition("/")[0] == folder]
         return (local or matches or [None])[0]
 
-    def search(self, words, folder):
-        """Return relative paths of the notes under folder holding all words, best first."""
-        self.refresh(folder, max_age=1.0)  # a search sees files added or edited within a second
-        prefix = folder + "/" if folder else ""
-        with self.lock:
-            if self.db:
-                query = " ".join('"%s"*' % w.replace('"', '""') for w in words)
-                try:
-                    rows = self.db.execute("SELECT rowid FROM fts WHERE fts MATCH ? ORDER BY bm25(fts, 10.0, 1.0)",
-                                           (query,)).fetchall()
-                    hits = [self.by_rowid[rowid] for (rowid,) in rows]
-                except sqlite3.OperationalError:  # a query of punctuation only
-                    hits = []
-            else:
-                hits = sorted(self.entries)
-            notes = {rel: self.entries[rel][1] for rel in hits if rel.startswith(prefix)}
-        folded = [w.casefold() for w in words]
-        if not self.db:  # no FTS5 in this Python: scan the files, as grep would
-            notes = {rel: note for rel, note in notes.items() if all(w in self.text_of(rel) for w in folded)}
-        in_title = {rel: all(w in note.title.casefold() for w in folded) for rel, note in notes.items()}
-        return sorted(notes, key=lambda rel: not in_title[rel])   # stable: ranking kept within each group
-
-    def text_of(self, rel):
-        """Return a note's title and text, casefolded, or '' when it cannot be read."""
+    def search(self, terms, folder, key=None):
+        """Return (relative paths of the best matches under folder, best first; None, or why
+        the answer may be short).  Private notes are searched only for a key that opens some."""
+        deadline = time.monotonic() + SEARCH_SECONDS
+        opener = self.opener(key) if self.opens_any(key) else None
+        if self.db is None:
+            return self.scan(terms, folder, opener, deadline + SCAN_SECONDS - SEARCH_SECONDS)
+        match = match_expression(terms)
+        title = match_expression(terms, "title")
+        if folder:
+            match, title = (f'({m}) AND scope : "{scope_token(folder)}"' for m in (match, title))
         try:
-            note = read_note(os.path.join(self.root, rel), self.note_limit)
-        except OSError:
-            return ""
-        return (note.title + "\n" + note.text).casefold()
+            db = self.readers.get_nowait()
+        except queue.Empty:
+            db = self.connect()
+        db.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
+        try:
+            hits = self.ranked(db, "public_text", match, title, None)
+            if opener:
+                hits = sorted(hits + self.ranked(db, "private_text", match, title, opener), key=lambda h: h[1])
+            return [path for path, _ in hits][:SEARCH_RESULTS], None
+        except sqlite3.OperationalError:  # interrupted by the progress handler
+            return [], "timeout"
+        finally:
+            db.set_progress_handler(None, 0)
+            self.readers.put(db)
+
+    def ranked(self, db, table, match, title, opener):
+        """Return [(path, rank)] of the best matches in one table: ranked in SQL, with a
+        LIMIT; past RANK_LIMIT matches, title matches first and then any, unranked."""
+        mine = " AND n.opener = ?" if opener else ""
+        query = (f"SELECT n.path, f.rank FROM {table} AS f JOIN notes AS n ON n.row = f.rowid "
+                 f"WHERE {table} MATCH ?{mine} {{order}}LIMIT {SEARCH_RESULTS}")
+        args = (opener,) if opener else ()
+        count = db.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {table} MATCH ? LIMIT ?)",
+                           (match, RANK_LIMIT + 1)).fetchone()[0]
+        if count <= RANK_LIMIT:  # ranking costs a score per match: affordable up to here
+            return db.execute(query.format(order="ORDER BY f.rank "), (match,) + args).fetchall()
+        hits = db.execute(query.format(order=""), (title,) + args).fetchall()
+        seen = {path for path, _ in hits}
+        rest = db.execute(query.format(order=""), (match,) + args).fetchall()
+        return hits + [hit for hit in rest if hit[0] not in seen]
+
+    def scan(self, terms, folder, opener, deadline):
+        """Search without FTS5: read the notes this request may open, as grep would.  Notes it
+        may not open are never read, so the time taken tells nothing of them."""
+        prefix, hits = (folder + "/" if folder else ""), []
+        for rel, note in sorted(self.notes.items()):
+            if not rel.startswith(prefix) or not (note.password is None or self.opener(note.password) == opener):
+                continue
+            if time.monotonic() > deadline:
+                return hits, "timeout"
+            try:
+                found = read_note(os.path.join(self.root, rel), self.note_limit)
+            except OSError:
+                continue
+            text = f"{found.title}\n{index_fields(rel)[0]}\n{found.text}".casefold()
+            if all(term in text for term in terms):
+                hits.append(rel)
+                if len(hits) == SEARCH_RESULTS:
+                    break
+        return hits, None
 
     def counts(self):
         """Return (public count, private count, relative paths of notes locked for everyone)."""
-        with self.lock:
-            notes = [(rel, note.password) for rel, (_, note) in self.entries.items()]
+        notes = [(rel, note.password) for rel, note in list(self.notes.items())]
         private = [rel for rel, password in notes if password is not None]
         return len(notes) - len(private), len(private), sorted(r for r, p in notes if p == "")
 
+    # -- what the indexer keeps -----------------------------------------------
+
+    def remember(self, rel, note, row):
+        """Keep what listings need of a note (not its text), and count it by who may open it."""
+        kept = Note(note.title, note.password, None, note.mtime_ns, note.size, note.too_large, row)
+        kept.racy = racy(note.mtime_ns)  # then it is read again next time, whatever its stat says
+        with self.lock:
+            old = self.notes.get(rel)
+            if old is not None:
+                self.tally(rel, old, -1)
+            self.notes[rel] = kept
+            self.tally(rel, kept, 1)
+            self.stems[stem_of(rel)].add(rel)
+        return kept
+
+    def forget(self, rel):
+        with self.lock:
+            old = self.notes.pop(rel, None)
+            if old is not None:
+                self.tally(rel, old, -1)
+            self.stems[stem_of(rel)].discard(rel)
+
+    def tally(self, rel, note, sign):
+        opener = self.opener(note.password)
+        if opener is not None:
+            self.openers[opener] += sign
+        parts = rel.split("/")[:-1]
+        for depth in range(len(parts) + 1):
+            counts = self.folders["/".join(parts[:depth])]
+            counts["notes"] += sign
+            if opener is not None:
+                counts["private"] += sign
+                counts[opener] += sign
+
+    def start(self):
+        self.thread = threading.Thread(target=self.run, name="mdserve-indexer", daemon=True)
+        self.thread.start()
+
+    def run(self):
+        """Walk and index, again and again, pausing at least as long as each walk took."""
+        while not self.stopped.is_set():
+            started = time.monotonic()
+            with self.passes_changed:
+                self.passes += 1
+            try:
+                self.index_pass()
+            except (sqlite3.Error, OSError) as error:  # a full disk, say: search goes stale, pages go on
+                print(f"mdserve: indexing stopped for a while: {error}", file=sys.stderr, flush=True)
+                self.stopped.wait(10)
+            with self.passes_changed:
+                self.passes_done = self.passes
+                self.passes_changed.notify_all()
+            self.nudge.wait(max(INDEX_PAUSE, time.monotonic() - started))
+            self.nudge.clear()
+
+    def settle(self, timeout=30.0):
+        """Wait until a walk that began after this call has finished, so that what is on disk
+        now is in the index; True unless timeout seconds passed first."""
+        with self.passes_changed:
+            needed = self.passes + 1
+            self.nudge.set()
+            return self.passes_changed.wait_for(lambda: self.passes_done >= needed or self.stopped.is_set(),
+                                                timeout)
+
+    def index_pass(self):
+        """Bring the index up to date with the disk: one walk, reading only what changed."""
+        files = list(note_files(self.root, self.root, self.forbidden))
+        if self.db is not None and self.dead > max(10000, len(self.notes)):
+            self.rebuild()
+        with self.lock:  # names first, so wiki links resolve while the texts are still being read
+            for rel, _, _ in files:
+                self.stems[stem_of(rel)].add(rel)
+        seen = {rel for rel, _, _ in files}
+        for rel in [rel for rel in list(self.notes) if rel not in seen]:
+            self.drop(rel)
+        self.total, done, committed = len(files), 0, time.monotonic()
+        self.write("BEGIN")
+        try:
+            for rel, real, status in files:
+                if self.stopped.is_set():
+                    return
+                known = self.notes.get(rel)
+                if not (is_current(known, status) and known.row):
+                    try:
+                        self.store(rel, read_note(real, self.note_limit))
+                    except OSError:  # vanished or unreadable since the walk
+                        pass
+                done += 1
+                if time.monotonic() - committed > 0.25:  # searches see progress as it is made
+                    self.write("COMMIT")
+                    self.write("BEGIN")
+                    self.done, committed = done, time.monotonic()
+        finally:
+            self.write("COMMIT")
+        self.done = done
+        self.complete.set()
+
+    def write(self, sql, args=()):
+        if self.db is not None:
+            self.db.execute(sql, args)
+
+    def store(self, rel, note):
+        """Put a note's current version in the text index, and its old row out of use."""
+        row, self.next_row = self.next_row, self.next_row + 1
+        if self.db is not None:
+            self.dead += self.db.execute("DELETE FROM notes WHERE path = ?", (rel,)).rowcount
+            table = "public_text" if note.password is None else "private_text"
+            names, scopes = index_fields(rel)
+            text = "" if note.too_large else note.text
+            self.write(f"INSERT INTO {table}(rowid, title, names, body, scope) VALUES (?, ?, ?, ?, ?)",
+                       (row, note.title, names, text, scopes))
+            self.write("INSERT INTO notes(row, path, opener) VALUES (?, ?, ?)", (row, rel, self.opener(note.password)))
+        self.remember(rel, note, row)
+
+    def drop(self, rel):
+        if self.db is not None:
+            self.dead += self.db.execute("DELETE FROM notes WHERE path = ?", (rel,)).rowcount
+        self.forget(rel)
+
+    def rebuild(self):
+        """Start the text index afresh (every note is indexed again by this pass)."""
+        for table in ("notes", "public_text", "private_text"):
+            self.write(f"DROP TABLE IF EXISTS {table}")
+        self.create_tables()
+        with self.lock:
+            for note in self.notes.values():
+                note.row = 0
+        self.dead = 0
+
+    def close(self):
+        """Stop the indexer and remove the index file."""
+        self.stopped.set()
+        self.nudge.set()
+        if self.thread is not None:
+            self.thread.join(10)
+        for db in [self.db] + [self.readers.get() for _ in range(self.readers.qsize())]:
+            if db is not None:
+                db.close()
+        shutil.rmtree(self.folder, ignore_errors=True)
+
+
+def is_current(known, status):
+    """True when a Note kept in memory is still the version on disk."""
+    return known is not None and not known.racy and (known.mtime_ns, known.size) == (status.st_mtime_ns,
+                                                                                       status.st_size)
+
+
+def stem_of(rel):
+    """Return the name a wiki link uses for the note at rel: its file name less suffix, casefolded."""
+    return os.path.splitext(rel.rpartition("/")[2])[0].casefold()
+
+
+
+# Key guard ###################################################################
+
+def client_of(address):
+    """Return the name a client's guesses count under: its IPv4 address, or its IPv6 /64,
+    the network one subscriber gets, so that a /64 does not give 2**64 fresh counters."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return address
+    if ip.version == 4:
+        return address
+    if ip.ipv4_mapped is not None:
+        return str(ip.ipv4_mapped)
+    return str(ipaddress.IPv6Network((int(ip) >> 64 << 64, 64)))
+
+
+def in_networks(address, networks):
+    """True when address (a string) lies in one of networks."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    ip = getattr(ip, "ipv4_mapped", None) or ip
+    return any(ip in network for network in networks)
+
+
+def forwarded_chain(headers):
+    """Return the client addresses a proxy reports, first hop first: from Forwarded (RFC 7239)
+    or else X-Forwarded-For."""
+    forwarded = headers.get("forwarded")
+    if forwarded:
+        chain = []
+        for element in forwarded.split(","):
+            for pair in element.split(";"):
+                name, _, value = pair.strip().partition("=")
+                if name.lower() == "for":
+                    value = value.strip('"')
+                    value = value[1:value.find("]")] if value.startswith("[") else value.rsplit(":", 1)[0] \
+                        if value.count(":") == 1 else value
+                    chain.append(value)
+        return chain
+    return [part.strip() for part in headers.get("x-forwarded-for", "").split(",") if part.strip()]
+
 
 class KeyGuard:
-    """Counts wrong keys per client address and locks out a client that keeps guessing.
+    """Counts wrong keys per client and locks out a client that keeps guessing.
 
     Every request with a key counts as a guess when it starts and is forgiven when the key
     proves right: so a burst of concurrent guesses gets no more answers than a slow one.
-    The table of clients is bounded: past max_clients the oldest is dropped.  Only starting
-    a lock-out takes the lock; the rest are single deque and dict operations, atomic in
-    CPython, so keyed requests from many threads do not queue on it.
+    Each lock-out is twice as long as the one before, up to LONGEST_LOCKOUT; the doubling
+    is forgotten a step for each QUIET_PERIOD without a lock-out.  The table of clients is
+    bounded: past max_clients the oldest is dropped.  Only starting a lock-out takes the
+    lock; the rest are single deque and dict operations, atomic in CPython, so keyed
+    requests from many threads do not queue on it.
     """
 
     def __init__(self, clock=time.monotonic, max_clients=10000):
         self.clock, self.max_clients = clock, max_clients
-        self.clients = collections.OrderedDict()   # address -> [guess times, locked until, lockouts]
+        self.clients = collections.OrderedDict()   # client -> [guess times, locked until, lock-outs]
         self.lock = threading.Lock()
 
-    def attempt(self, address):
-        """Count a guess from address; return (seconds it must wait, whether this locked it)."""
-        now, client = self.clock(), self.clients.get(address)
+    def attempt(self, client_name):
+        """Count a guess from a client; return (seconds it must wait, whether this locked it)."""
+        now, client = self.clock(), self.clients.get(client_name)
         if client is None:
-            client = self.clients.setdefault(address, [collections.deque(), 0.0, 0])
+            client = self.clients.setdefault(client_name, [collections.deque(), -math.inf, 0])
             while len(self.clients) > self.max_clients:
                 self.clients.popitem(last=False)
         if client[1] > now:
@@ -604,14 +998,15 @@ class KeyGuard:
             if client[1] > now:  # another thread locked it first
                 return math.ceil(client[1] - now), False
             guesses.clear()
-            client[2] += 1
+            quiet_steps = int((now - client[1]) // QUIET_PERIOD) if client[1] > -math.inf else client[2]
+            client[2] = max(0, client[2] - quiet_steps) + 1
             client[1] = now + min(FIRST_LOCKOUT * 2 ** (client[2] - 1), LONGEST_LOCKOUT)
-            self.clients.move_to_end(address)
+            self.clients.move_to_end(client_name)
             return math.ceil(client[1] - now), True
 
-    def forgive(self, address):
+    def forgive(self, client_name):
         """Take back the guess counted for a request whose key was right."""
-        client = self.clients.get(address)
+        client = self.clients.get(client_name)
         if client and client[0]:
             try:
                 client[0].pop()
@@ -624,11 +1019,17 @@ class KeyGuard:
 class _DeadlineReader(socket.SocketIO):
     """Socket reads sharing one deadline and byte budget per request, so a client that
     sends a byte a second, or headers without end, cannot hold a thread."""
-    deadline, budget = None, math.inf
+    deadline, budget, idle, per_read = None, math.inf, None, False
 
     def readinto(self, buffer):
-        # Checked after each read, not by resetting the socket's timeout: settimeout() is a
-        # system call that drops the GIL, and every such handoff costs the hot path dearly.
+        # With the kernel's timeouts the deadline is checked after each read, rather than by
+        # resetting the socket's timeout: settimeout() is a system call that drops the GIL,
+        # and every such handoff costs the hot path dearly.  A TLS read waits for a whole
+        # record, which a client can trickle a byte at a time: there each read gets only
+        # what is left of the deadline (Python's timeout bounds a whole TLS read).
+        if self.per_read:
+            left = self.idle if self.deadline is None else self.deadline - time.monotonic()
+            self._sock.settimeout(max(min(left, self.idle), 0.001))
         count = super().readinto(buffer)
         if count is None:  # SO_RCVTIMEO ran out (SocketIO turns EAGAIN into None)
             raise TimeoutError("client idle")
@@ -650,16 +1051,24 @@ class NoteHandler(BaseHTTPRequestHandler):
 
     def setup(self):
         super().setup()
-        # The idle timeout is the kernel's (SO_RCVTIMEO/SO_SNDTIMEO): a Python socket timeout
-        # would poll() before every recv and send, two more GIL handoffs on every request.
         seconds = self.server.client_timeout
-        try:
-            timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
-            for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
-                self.connection.setsockopt(socket.SOL_SOCKET, option, timeval)
-        except (OSError, struct.error):  # a platform without them: Python's own timeout
-            self.connection.settimeout(seconds)
+        tls = isinstance(self.connection, ssl.SSLSocket)
         self.reader = _DeadlineReader(self.connection, "rb")
+        self.reader.idle, self.reader.per_read = seconds, tls
+        if tls:
+            # Python's timeout bounds the whole handshake (not each read of it), so a
+            # ClientHello sent a byte at a time cannot hold the connection.
+            self.connection.settimeout(seconds)
+            self.connection.do_handshake()
+        else:
+            # The idle timeout is the kernel's (SO_RCVTIMEO/SO_SNDTIMEO): a Python socket timeout
+            # would poll() before every recv and send, two more GIL handoffs on every request.
+            try:
+                timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+                for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+                    self.connection.setsockopt(socket.SOL_SOCKET, option, timeval)
+            except (OSError, struct.error):  # a platform without them: Python's own timeout
+                self.connection.settimeout(seconds)
         self.rfile = io.BufferedReader(self.reader)
 
     def handle(self):
@@ -673,7 +1082,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         self.reader.deadline = time.monotonic() + self.server.client_timeout
         self.reader.budget = MAX_HEADER_BYTES + MAX_REQUEST_LINE
         self.requestline, self.request_version, self.command = "", "", ""
-        self.key, self.url_path, self.query, self.guessing = None, "/", {}, False
+        self.key, self.url_path, self.query = None, "/", {}
+        self.guesser, self.key_opens_some = None, False
         try:
             self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
             if not self.raw_requestline:
@@ -704,6 +1114,10 @@ class NoteHandler(BaseHTTPRequestHandler):
         if self.headers.get("transfer-encoding") or self.headers.get("content-length", "0").strip() != "0":
             self.close_connection = True  # a GET has no body; do not read one
             return self.send_error(413, explain="GET and HEAD requests take no body.")
+        if not self.server.host_allowed(self.headers.get("host")):
+            # DNS rebinding: a page on another site whose name now leads here must get nothing.
+            return self.send_error(421, explain="This server does not answer to that host name. Use its address, "
+                                                "or start it with --allowed-host NAME")
         self.server.in_flight.add(self)  # set.add and discard need no lock of their own
         try:
             self.route()
@@ -722,8 +1136,8 @@ class NoteHandler(BaseHTTPRequestHandler):
             self.send_error(500)
         finally:
             self.server.in_flight.discard(self)
-            if self.guessing:  # the key opened what it asked for, or asked for nothing private
-                self.server.guard.forgive(self.client_address[0])
+            if self.guesser is not None and self.key_opens_some:
+                self.server.guard.forgive(self.guesser)  # a right key: nothing was guessed
 
     # -- request → path guard → note ------------------------------------------
 
@@ -736,30 +1150,56 @@ class NoteHandler(BaseHTTPRequestHandler):
         self.key = self.query.get("access_key")
         self.url_path = url_path
         if self.key is not None:
-            wait, locked_now = self.server.guard.attempt(self.client_address[0])
-            if locked_now:
-                self.log_message("locked out for %d s after %d wrong keys", wait, GUESS_LIMIT)
-            if wait:
-                raise HTTPError(429, "Too many wrong keys from your address. Try again later.",
-                                headers=[("Retry-After", str(wait))])
-            self.guessing = True
+            self.count_guess()
         kind, real, status, note = self.resolve(url_path)
         if kind == "folder" and not url_path.endswith("/"):
             parts = [p for p in urllib.parse.unquote(url_path).split("/") if p not in ("", ".")]
-            location = quote_url("/" + "/".join(parts) + "/")   # always one leading slash: never //host
+            location = quote_url("/" + "".join(p + "/" for p in parts))   # one leading slash: never //host
             if query:
                 location += "?" + urllib.parse.quote(query, safe="=&%+;/:,@!$'()*?")
             return self.send_body(b"", "text/html", status=301, headers=[("Location", location)])
-        if self.key is not None and kind == "folder" and not self.server.index.opens_any(self.key):
-            self.wrong_key()  # a listing or search would tell a key that opens something
         if kind == "folder":
             search = self.query.get("q", "")
             if len(search) >= MAX_QUERY_WORDS:
                 raise HTTPError(400, "That search is too long.")
-            return self.send_search(real, search.split()) if search.split() else self.send_listing(real)
+            return self.send_search(real, search) if search.split() else self.send_listing(real)
         if kind == "note" and "raw" not in self.query:
             return self.send_note(real, note)
         return self.send_file(real)
+
+    def count_guess(self):
+        """Count this keyed request as a guess, to be forgiven if its key opens some note.
+
+        Every answer to a keyed request may depend on whether the key is right (a wiki link
+        that works, a lock mark, a search hit), so a key that opens nothing counts as a
+        wrong guess whatever was asked for.  Keyed requests that a browser marks as sent by
+        another site count apart, so eleven <img> tags elsewhere cannot lock the owner out;
+        those that are not navigations (images, scripts, fetches) are refused uncounted."""
+        self.guesser = self.client_name()
+        if self.headers.get("sec-fetch-site", "none") not in ("none", "same-origin"):
+            if self.headers.get("sec-fetch-mode", "navigate") != "navigate":
+                self.guesser = None
+                raise HTTPError(403, "A key is only taken from a link you open, not from another site's page.")
+            self.guesser += " (cross-site)"
+        wait, locked_now = self.server.guard.attempt(self.guesser)
+        if locked_now:
+            self.log_message("locked out for %d s after %d wrong keys", wait, GUESS_LIMIT)
+        if wait:
+            self.guesser = None  # nothing to forgive: this answer depends on no key
+            raise HTTPError(429, "Too many wrong keys from your address. Try again later.",
+                            headers=[("Retry-After", str(wait))])
+        self.key_opens_some = self.server.index.opens_any(self.key)
+
+    def client_name(self):
+        """Return who this request counts as for the lock-out: the peer, or behind a trusted
+        proxy the right-most address it reports that is not itself a trusted proxy."""
+        address = self.client_address[0]
+        trusted = self.server.trusted_proxies
+        if trusted and in_networks(address, trusted):
+            chain = forwarded_chain(self.headers)
+            untrusted = [hop for hop in chain if not in_networks(hop, trusted)]
+            address = untrusted[-1] if untrusted else (chain[0] if chain else address)
+        return client_of(address)
 
     def resolve(self, url_path):
         """Return (kind, real path, stat, Note or None) for url_path, or raise HTTPError: 404 when it is
@@ -786,37 +1226,30 @@ class NoteHandler(BaseHTTPRequestHandler):
 
     def note(self, real, status):
         """Return the Note at real (without its text), from the index when it is unchanged."""
-        return self.server.index.entry(relative(self.server.root, real), real, status)[1]
+        return self.server.index.note(relative(self.server.root, real), real, status)
 
     def refuse(self):
         """Answer 403 with a key form; the request's key, if any, stays counted as a wrong guess."""
-        self.wrong_key()
+        self.key_opens_some = False  # it does not open this note: the guess stands
         raise HTTPError(403, main=self.key_form(self.url_path, self.key is not None))
-
-    def wrong_key(self):
-        self.guessing = False  # the guess counted in route() stands
 
     # -- render → response ----------------------------------------------------
 
     def send_note(self, real, note):
         """Send a note's page, cached whole until the file changes."""
         server = self.server
+        rel = relative(server.root, real)
+        note, article = self.article(real, rel, note)
+        if not may_open(note.password, self.key):  # made private since it was indexed
+            self.refuse()
         # A keyed page carries its key in its links: cached apart, under the key that opened
         # it (the note's own password), and only for private notes, so wrong keys cannot fill it.
-        cache_key = ("page", self.url_path, note.mtime_ns, note.size, self.key)
-        cacheable = self.key is None or note.password is not None
+        cache_key = ("page", self.canonical_path(), note.mtime_ns, note.size, self.key)
+        cacheable = (self.key is None or note.password is not None) and "data-wiki=" not in article \
+            and not racy(note.mtime_ns)   # wiki targets change without this file
         etag = f'W/"{note.mtime_ns:x}-{note.size:x}-{server.salt}"'
         body = server.cache.get(cache_key) if cacheable else None
         if body is None:
-            rel = relative(server.root, real)
-            article = server.cache.get(("html", rel, note.mtime_ns, note.size))
-            if article is None:
-                fresh = note if note.text is not None else read_note(real, server.note_limit)
-                if not may_open(fresh.password, self.key):  # made private since it was indexed
-                    self.refuse()
-                article = self.render_article(fresh, rel)
-                server.cache.put(("html", rel, fresh.mtime_ns, fresh.size), article, len(article) * 2)
-            cacheable = cacheable and "data-wiki=" not in article  # wiki targets change without this file
             article = WIKI_PLACEHOLDER.sub(lambda m: self.wiki_link(m, rel), article)
             folder = rel.rpartition("/")[0]
             body = self.page(f"{note.title} · {self.folder_name(folder)}", article + self.footer(note, rel),
@@ -826,18 +1259,66 @@ class NoteHandler(BaseHTTPRequestHandler):
         self.send_content(body, "text/html; charset=utf-8", etag, note.mtime_ns, note.password is not None,
                           gzip_key=cache_key + ("gzip",) if cacheable else None)
 
+    def article(self, real, rel, note):
+        """Return (the Note as rendered, its article HTML): one render per version of a note,
+        whatever the URL's spelling and however many ask for it at once."""
+        server = self.server
+        version = ("html", rel, note.mtime_ns, note.size)
+        article = server.cache.get(version)
+        if article is not None:
+            return note, article
+        return server.renders.run(version, lambda: self.render_version(real, rel, note))
+
+    def render_version(self, real, rel, note):
+        """Render the note on disk; one that renders too slowly, or too big to keep, is
+        remembered, so that asking again cannot make it render again."""
+        server = self.server
+        fresh = note if note.text is not None else read_note(real, server.note_limit)
+        version = ("html", rel, fresh.mtime_ns, fresh.size)
+        reason, started = server.unrendered.get(version), time.monotonic()
+        if reason is None:
+            try:
+                with WATCHDOG.limit(server.render_seconds):
+                    article = self.render_article(fresh, rel)
+            except TooSlow:
+                article = None
+            if article is None or time.monotonic() - started > server.render_seconds:
+                reason = "slow"
+            elif len(article) * 2 > server.cache.max_bytes // 2:
+                reason = "big"
+            if reason:
+                self.log_error("%s renders too %s; it is shown as text", rel, reason)
+        if reason:
+            server.unrendered.put(version, reason, 1)
+            article = self.unrendered_article(fresh, rel, reason)
+        if not racy(fresh.mtime_ns):
+            server.cache.put(version, article, len(article) * 2)
+        return fresh, article
+
+    def unrendered_article(self, note, rel, reason):
+        """Return the article for a note not rendered: its text as it is, or a pointer to ?raw
+        (the footer's raw link, which carries the key where one is needed: this is cached)."""
+        if reason == "slow":
+            return ('<article><p class="meta-top">This note takes too long to render, so it is shown as it is.</p>'
+                    f"<pre>{html.escape(note.text)}</pre></article>")
+        return (f"<article><h1>{html.escape(note.title)}</h1><p>This note is {note.size / 2**20:.1f} MB, more "
+                "than this server renders. Its text is under <b>raw</b>, below.</p></article>")
+
     def render_article(self, note, rel):
         """Return the article HTML of a note: contents, then the rendered markdown."""
         if note.too_large:
-            quoted = html.escape(quote_url(rel.rpartition("/")[2]))
-            return (f"<article><h1>{html.escape(note.title)}</h1><p>This note is {note.size / 2**20:.1f} MB, "
-                    f"more than this server renders. <a href=\"{quoted}?raw\">Download it as text</a>.</p></article>")
+            return self.unrendered_article(note, rel, "big")
         try:
             body, toc = render_markdown(note.text)
         except Exception:  # e.g. RecursionError on lists nested hundreds deep: show the text instead
             self.log_error("could not render %s; sent as text", rel)
             body, toc = f"<pre>{html.escape(note.text)}</pre>", ""
         return f"<article>{toc}{body}</article>"
+
+    def canonical_path(self):
+        """Return the request's path decoded, without empty or '.' steps: one spelling per page."""
+        parts = [p for p in urllib.parse.unquote(self.url_path).split("/") if p not in ("", ".")]
+        return "/" + "/".join(parts) + ("/" if parts and self.url_path.endswith("/") else "")
 
     def footer(self, note, rel):
         """Return the small print under a note: its file, when it changed, its raw text."""
@@ -860,7 +1341,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         return f'<a class="wikilink" href="/{html.escape(quote_url(target))}{key}">{label}</a>'
 
     def send_listing(self, real):
-        """Send a folder's sub-folders and the notes this request may see, by title."""
+        """Send a folder's sub-folders and the notes this request may see, by title.  A
+        sub-folder whose notes are all private to this request is left out, name and all."""
         root, index = self.server.root, self.server.index
         folders, notes = [], []
         with os.scandir(real) as entries:
@@ -870,9 +1352,10 @@ class NoteHandler(BaseHTTPRequestHandler):
             try:
                 status = os.stat(target) if target else None
                 if status and stat.S_ISDIR(status.st_mode):
-                    folders.append(entry.name)
+                    if index.folder_visible(relative(root, entry.path), self.key):
+                        folders.append(entry.name)
                 elif status and stat.S_ISREG(status.st_mode) and entry.name.lower().endswith(NOTE_SUFFIXES):
-                    note = index.entry(relative(root, entry.path), target, status)[1]
+                    note = index.note(relative(root, entry.path), target, status)
                     if may_open(note.password, self.key):
                         notes.append((note.title.casefold(), entry.name, note))
             except OSError:  # vanished or unreadable since scandir: leave it out
@@ -893,34 +1376,36 @@ class NoteHandler(BaseHTTPRequestHandler):
         page_title = f"{title} · {self.folder_name('')}" if folder else title
         self.send_generated(self.page(page_title, main, folder))
 
-    def send_search(self, real, words):
+    def send_search(self, real, query):
         """Send the notes under a folder holding every word, title matches first."""
         root, index = self.server.root, self.server.index
-        folder, results = relative(root, real), []
-        for rel in index.search(words, folder):
-            indexed = index.entries.get(rel)
-            if indexed is None or not may_open(indexed[1].password, self.key):
-                continue
+        folder, terms, results = relative(root, real), search_terms(query), []
+        hits, stopped = index.search(terms, folder, self.key) if terms else ([], None)
+        for rel in hits:
+            target = guarded(root, os.path.join(root, *rel.split("/")), self.server.forbidden)
             try:  # re-read: privacy and snippet come from the file as it is now
-                note = read_note(os.path.join(root, rel), self.server.note_limit)
+                note = read_note(target, self.server.note_limit) if target else None
             except OSError:
                 continue
-            if may_open(note.password, self.key):
+            if note is not None and may_open(note.password, self.key):
                 results.append((rel, note))
-                if len(results) == SEARCH_RESULTS:
-                    break
+        results.sort(key=lambda hit: not all(t in hit[1].title.casefold() for t in terms))  # stable: rank kept
         key = self.key_query()
         rows = "".join(
             f'<li>{LOCK if note.password is not None else ""}<a href="/{html.escape(quote_url(rel))}'
-            f'{key if note.password is not None else ""}">{highlight(note.title, words)}</a> '
-            f'<small>{html.escape(rel)}</small><p>{snippet(note.text, words)}</p></li>'
+            f'{key if note.password is not None else ""}">{highlight(note.title, terms)}</a> '
+            f'<small>{html.escape(rel)}</small><p>{snippet(note.text, terms)}</p></li>'
             for rel, note in results)
-        shown = " ".join(words)
+        shown = " ".join(query.split())
         where = f" in {html.escape(self.folder_name(folder))}" if folder else ""
         count = len(results)
         more, plural = "+" if count == SEARCH_RESULTS else "", "s" if count > 1 else ""
         found = f"{count}{more} note{plural}" if count else "No notes"
-        main = (f'<h1>Search: {html.escape(shown)}</h1><p class="meta-top">{found}{where}.</p>'
+        notice = "" if index.complete.is_set() else \
+            f" Indexing: {index.done:,} of {index.total:,} notes so far."
+        if stopped:
+            notice += " The search took too long and was stopped: try fewer or longer words."
+        main = (f'<h1>Search: {html.escape(shown)}</h1><p class="meta-top">{found}{where}.{notice}</p>'
                 f'<ol class="list">{rows}</ol>')
         self.send_generated(self.page(f"Search: {shown} · {self.folder_name(folder)}", main, folder, query=shown))
 
@@ -944,11 +1429,11 @@ class NoteHandler(BaseHTTPRequestHandler):
             etag = f'W/"{status.st_mtime_ns:x}-{status.st_size:x}-{self.server.salt}"'
             if status.st_size <= SMALL_FILE:  # read whole: a file truncated meanwhile still answers whole
                 return self.send_content(head[skip:], content_type, etag, status.st_mtime_ns, password is not None,
-                                         gzip_key=("gzip", real, status.st_mtime_ns, status.st_size, skip))
+                                         gzip_key=("gzip", real, status.st_mtime_ns, status.st_size, skip), file=True)
             headers = self.validators(etag, status.st_mtime_ns, password is not None)
-            if self.not_modified(etag, status.st_mtime_ns):
-                return self.send_body(b"", None, status=304, headers=headers)
-            self.send_body(None, content_type, headers=headers + [("Content-Length", str(length))])
+            if self.not_modified(headers[0][1], status.st_mtime_ns):
+                return self.send_body(b"", None, status=304, headers=headers, file=True)
+            self.send_body(None, content_type, headers=headers + [("Content-Length", str(length))], file=True)
             if self.command == "GET":
                 file.seek(skip)
                 self.copy_exactly(file, length, status)
@@ -967,13 +1452,13 @@ class NoteHandler(BaseHTTPRequestHandler):
 
     # -- response helpers -----------------------------------------------------
 
-    def send_content(self, body, content_type, etag, mtime_ns, private, gzip_key=None):
+    def send_content(self, body, content_type, etag, mtime_ns, private, gzip_key=None, file=False):
         """Send body with its validators: a 304 when the client's copy is current; gzipped
         (once, when gzip_key names it in the cache) for clients that take it, unless a key
         is involved: compressed secrets next to guessable text are a compression oracle."""
         headers = self.validators(etag, mtime_ns, private)
-        if self.not_modified(etag, mtime_ns):
-            return self.send_body(b"", None, status=304, headers=headers)
+        if self.not_modified(headers[0][1], mtime_ns):
+            return self.send_body(b"", None, status=304, headers=headers, file=file)
         if (self.key is None and not private and len(body) >= 1024 and is_text(content_type)
                 and "gzip" in self.headers.get("accept-encoding", "")):
             zipped = self.server.cache.get(gzip_key) if gzip_key else None
@@ -982,11 +1467,16 @@ class NoteHandler(BaseHTTPRequestHandler):
                 if gzip_key:
                     self.server.cache.put(gzip_key, zipped, len(zipped))
             body, headers = zipped, headers + [("Vary", "Accept-Encoding"), ("Content-Encoding", "gzip")]
-        self.send_body(body, content_type, headers=headers)
+        self.send_body(body, content_type, headers=headers, file=file)
 
     def validators(self, etag, mtime_ns, private):
-        """Return the cache headers: private answers are never stored anywhere."""
-        headers = [("ETag", etag), ("Cache-Control", "no-store" if private else "no-cache")]
+        """Return the cache headers, ETag first.  Answers to a keyed request carry the key in
+        their links, so they are never stored, and their ETag is the key's own."""
+        if self.key is not None:
+            tag = hmac.new(self.server.index.secret, self.key.encode("utf-8", "surrogateescape"), "sha256")
+            etag = f'{etag[:-1]}-{tag.hexdigest()[:12]}"'
+        store = "no-store" if private or self.key is not None else "no-cache"
+        headers = [("ETag", etag), ("Cache-Control", store)]
         if mtime_ns is not None:
             headers.append(("Last-Modified", http_date(mtime_ns // 10**9)))
         return headers
@@ -995,7 +1485,7 @@ class NoteHandler(BaseHTTPRequestHandler):
         """True when the client's copy is current (If-None-Match, else If-Modified-Since)."""
         tags = self.headers.get("if-none-match")
         if tags is not None:
-            strip = lambda tag: tag.strip().removeprefix("W/")
+            strip = lambda tag: tag.strip()[2:] if tag.strip().startswith("W/") else tag.strip()
             return tags.strip() == "*" or strip(etag) in map(strip, tags.split(","))
         since = self.headers.get("if-modified-since")
         if since is None or mtime_ns is None:
@@ -1005,8 +1495,10 @@ class NoteHandler(BaseHTTPRequestHandler):
         except (TypeError, ValueError, OverflowError):
             return False
 
-    def send_body(self, body, content_type, status=200, headers=()):
+    def send_body(self, body, content_type, status=200, headers=(), file=False):
         """Send status, headers and body (no body for HEAD: the headers are the same as for GET).
+        A file from the folder (not a page of ours) is sandboxed: an SVG or HTML attachment
+        opened on its own must not run script as this site.
 
         Builds the head in one string rather than through send_response/send_header: on
         the warm path those calls cost as much as everything else the server does."""
@@ -1017,8 +1509,9 @@ class NoteHandler(BaseHTTPRequestHandler):
             head.append(f"Content-Type: {content_type}\r\n")
         if body is not None and status != 304:
             head.append(f"Content-Length: {len(body)}\r\n")
-        html_page = content_type is not None and content_type.startswith("text/html")
-        head.append(self.server.security_headers[html_page])
+        kind = "file" if file else "page" if content_type is not None and content_type.startswith("text/html") \
+            else "other"
+        head.append(self.server.security_headers[kind])
         head.extend(f"{name}: {value}\r\n" for name, value in headers)
         if self.close_connection or self.server.stopping:
             head.append("Connection: close\r\n")
@@ -1187,32 +1680,65 @@ class NoteServer(ThreadingHTTPServer):
     BUSY = (b"HTTP/1.1 503 Service Unavailable\r\nContent-Type: text/plain\r\nContent-Length: 20\r\n"
             b"Retry-After: 5\r\nConnection: close\r\n\r\nServer busy, retry.\n")
 
-    def __init__(self, address, root, reload=True, cache_mb=64, max_note_mb=10, tls=None,
-                 max_connections=256, client_timeout=10.0, log=None, clock=time.monotonic):
+    def __init__(self, address, root, reload=True, cache_mb=64, max_note_mb=2, tls=None,
+                 max_connections=256, client_timeout=10.0, log=None, clock=time.monotonic,
+                 allowed_hosts=(), trusted_proxies=(), render_seconds=RENDER_SECONDS, fts=True):
         self.root = os.path.realpath(root)
         self.forbidden = {os.path.realpath(__file__)} | {os.path.realpath(p) for p in (tls or ())}
         self.reload, self.note_limit, self.client_timeout = reload, int(max_note_mb * 2**20), client_timeout
         self.max_connections, self.connections, self.stopping = max_connections, 0, False
+        self.per_client, self.client_share = collections.Counter(), max(1, max_connections // 4)
+        self.allowed_hosts = {name.lower().rstrip(".") for name in allowed_hosts} | own_host_names()
+        self.trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
+        self.hosts_seen = {}
         self.log, self.log_lines, self.log_lock = log or sys.stderr, collections.deque(maxlen=100000), threading.Lock()
         self.closed = threading.Event()
         threading.Thread(target=self.write_log, daemon=True).start()
         script = f"'{RELOAD_HASH}'" if reload else "'none'"
         common = "X-Content-Type-Options: nosniff\r\nReferrer-Policy: no-referrer\r\n"
         csp = f"Content-Security-Policy: {CSP.format(script=script)}\r\n"
-        self.security_headers = {False: common, True: common + csp}   # by: is it an HTML page?
+        self.security_headers = {"page": common + csp, "other": common,
+                                 "file": common + "Content-Security-Policy: sandbox; default-src 'none'\r\n"}
         self.cache = LRUCache(int(cache_mb * 2**20))
+        self.renders, self.render_seconds = SingleFlight(os.cpu_count() or 1), render_seconds
+        self.unrendered = LRUCache(4096)  # versions of notes too slow or too big to render: not tried again
         self.real_paths = {}
-        self.index = NoteIndex(self.root, self.note_limit, self.forbidden)
+        self.index = NoteIndex(self.root, self.note_limit, self.forbidden, fts)
         self.guard = KeyGuard(clock)
         self.in_flight, self.count_lock = set(), threading.Lock()
         self.salt = hashlib.blake2b(f"{__version__}{reload}{time.time_ns()}".encode(), digest_size=3).hexdigest()
         if ":" in address[0]:
             self.address_family = socket.AF_INET6
-        super().__init__(address, NoteHandler)
-        if tls:  # the handshake happens in the connection's own thread, under its timeout
-            context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-            context.load_cert_chain(*tls)
-            self.socket = context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+        try:
+            super().__init__(address, NoteHandler)
+            if tls:  # the handshake happens in the connection's own thread, under its timeout
+                context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+                context.load_cert_chain(*tls)
+                self.socket = context.wrap_socket(self.socket, server_side=True, do_handshake_on_connect=False)
+        except BaseException:
+            self.index.close()
+            raise
+        self.index.start()
+
+    def host_allowed(self, host):
+        """True for a Host header naming this server: an IP address, localhost, one of this
+        machine's names or one given with --allowed-host.  No Host at all (HTTP/1.0 tools)
+        is allowed: a browser always sends one."""
+        if host is None:
+            return True
+        allowed = self.hosts_seen.get(host)
+        if allowed is None:
+            name = host_name(host)
+            allowed = name in self.allowed_hosts or name == "localhost" or name.endswith(".localhost")
+            if not allowed:
+                try:
+                    allowed = bool(ipaddress.ip_address(name))
+                except ValueError:
+                    pass
+            if len(self.hosts_seen) > 1000:
+                self.hosts_seen.clear()
+            self.hosts_seen[host] = allowed
+        return allowed
 
     def server_bind(self):
         # http.server's calls getfqdn(), a DNS look-up that can stall start-up and leave the machine.
@@ -1220,15 +1746,20 @@ class NoteServer(ThreadingHTTPServer):
         self.server_name, self.server_port = self.server_address[:2]
 
     def process_request(self, request, client_address):
+        # Each client gets a share of the connections, so that one address holding many idle
+        # ones cannot shut out the rest; a trusted proxy speaks for many and has no share.
+        client = None if in_networks(client_address[0], self.trusted_proxies) else client_of(client_address[0])
         with self.count_lock:
-            busy = self.connections >= self.max_connections
-            self.connections += not busy
+            busy = self.connections >= self.max_connections or \
+                (client is not None and self.per_client[client] >= self.client_share)
+            if not busy:
+                self.connections += 1
+                self.per_client[client] += 1
         if not busy:
             try:
                 return super().process_request(request, client_address)
             except RuntimeError:  # no thread to be had: refuse like a full server
-                with self.count_lock:
-                    self.connections -= 1
+                self.release(client_address)
         try:  # refuse cleanly, without a thread and without waiting on the client
             request.setblocking(False)
             if not isinstance(request, ssl.SSLSocket):
@@ -1241,8 +1772,15 @@ class NoteServer(ThreadingHTTPServer):
         try:
             super().process_request_thread(request, client_address)
         finally:
-            with self.count_lock:
-                self.connections -= 1
+            self.release(client_address)
+
+    def release(self, client_address):
+        client = None if in_networks(client_address[0], self.trusted_proxies) else client_of(client_address[0])
+        with self.count_lock:
+            self.connections -= 1
+            self.per_client[client] -= 1
+            if not self.per_client[client]:
+                del self.per_client[client]
 
     def handle_error(self, request, client_address):
         # One line instead of a traceback; a vanished client is not worth a line.
@@ -1274,6 +1812,7 @@ class NoteServer(ThreadingHTTPServer):
 
     def server_close(self):
         super().server_close()
+        self.index.close()
         self.closed.set()
 
     def stop(self, grace=5.0):
@@ -1284,6 +1823,23 @@ class NoteServer(ThreadingHTTPServer):
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
         self.flush_log()
+
+
+def host_name(host):
+    """Return the name in a Host header, without its port, brackets or final dot."""
+    name = host.strip().lower()
+    if name.startswith("["):
+        name = name[1:name.find("]")]
+    elif name.count(":") == 1:
+        name = name.partition(":")[0]
+    return name.rstrip(".")
+
+
+def own_host_names():
+    """Return the names this machine goes by on a local network, from the system, not DNS."""
+    name = socket.gethostname().lower().rstrip(".")
+    short = name.partition(".")[0]
+    return {n for n in (name, short, name + ".local", short + ".local") if n and n != ".local"}
 
 
 def make_server(root, host="127.0.0.1", port=0, **settings):
@@ -1320,8 +1876,10 @@ def banner(server, host, scheme):
 
 
 def count_notes(server, out):
-    """Index every note, then print how many are public and private (never a key)."""
-    server.index.refresh()
+    """Once the first indexing is done, print how many notes are public and private (never a key)."""
+    while not server.index.complete.wait(1):
+        if server.index.stopped.is_set():
+            return
     public, private, locked = server.index.counts()
     print(f"  notes: {public} public, {private} private", file=out, flush=True)
     for rel in locked:
@@ -1342,14 +1900,20 @@ def main(argv=None):
     parser.add_argument("--no-reload", action="store_true", help="do not reload open pages when their note changes")
     parser.add_argument("--cache-mb", type=float, default=64, metavar="MB",
                         help="memory for rendered pages, in MB (default: 64)")
-    parser.add_argument("--max-note-mb", type=float, default=10, metavar="MB",
-                        help="larger notes are offered as raw text instead of rendered (default: 10)")
+    parser.add_argument("--max-note-mb", type=float, default=2, metavar="MB",
+                        help="larger notes are offered as raw text instead of rendered (default: 2)")
     parser.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     parser.add_argument("--max-connections", type=int, default=256, metavar="N",
                         help="open connections at once (default: 256)")
     parser.add_argument("--timeout", type=float, default=10, metavar="SECONDS",
                         help="seconds a client may be idle or take to send a request (default: 10)")
+    parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                        help="also answer to this host name (repeatable; IP addresses, localhost and this "
+                             "machine's own names are always answered)")
+    parser.add_argument("--trusted-proxy", action="append", default=[], metavar="ADDRESS",
+                        help="a reverse proxy at this address (or network) reports the client in "
+                             "X-Forwarded-For or Forwarded (repeatable)")
     parser.add_argument("--version", action="version", version=f"mdserve {__version__}")
     args = parser.parse_args(argv)
     if not os.path.isdir(args.folder):
@@ -1365,17 +1929,28 @@ def main(argv=None):
         parser.error("--tls-cert and --tls-key go together")
     if min(args.cache_mb, args.max_note_mb, args.timeout) <= 0 or args.max_connections < 1:
         parser.error("--cache-mb, --max-note-mb, --timeout and --max-connections must be positive")
+    for proxy in args.trusted_proxy:
+        try:
+            ipaddress.ip_network(proxy, strict=False)
+        except ValueError:
+            parser.error(f"--trusted-proxy {proxy}: not an IP address or network")
+    for name in args.allowed_host:
+        if not re.fullmatch(r"[A-Za-z0-9._-]+", name):
+            parser.error(f"--allowed-host {name}: not a host name")
     tls = (args.tls_cert, args.tls_key) if args.tls_cert else None
     try:
         server = make_server(args.folder, args.bind, args.port, reload=not args.no_reload,
                              cache_mb=args.cache_mb, max_note_mb=args.max_note_mb, tls=tls,
-                             max_connections=args.max_connections, client_timeout=args.timeout)
+                             max_connections=args.max_connections, client_timeout=args.timeout,
+                             allowed_hosts=args.allowed_host, trusted_proxies=args.trusted_proxy)
     except ssl.SSLError as error:
         parser.error(f"cannot use the TLS certificate or key: {error.reason or error}")
     except OSError as error:
         parser.error(f"cannot listen on {args.bind}:{args.port}: {error.strerror or error}")
     for line in banner(server, args.bind, "https" if tls else "http"):
         print(line, flush=True)
+    if tls and os.name == "posix" and os.stat(args.tls_key).st_mode & 0o077:
+        print(f"  warning: {args.tls_key} can be read by other users of this machine (chmod 600 it)", flush=True)
     def interrupt(signum, frame):
         raise KeyboardInterrupt
     if threading.current_thread() is threading.main_thread():
