@@ -76,6 +76,7 @@ RENDER_SECONDS = 5.0            # a note that takes longer to render is shown as
 SMALL_FILE = 1024 * 1024        # static files up to this size are read whole (and may be gzipped)
 GUESS_LIMIT, GUESS_WINDOW, FIRST_LOCKOUT, LONGEST_LOCKOUT = 10, 60.0, 60.0, 900.0
 QUIET_PERIOD = 1800.0           # each half hour without a lock-out halves the next one
+LOCKOUT_STEPS = 1 + math.ceil(math.log2(LONGEST_LOCKOUT / FIRST_LOCKOUT))   # doublings to the longest
 KNOWN_METHODS = {"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 PASSWORD_LINE = re.compile(r"password:(.*)", re.IGNORECASE)
 HEADING = re.compile(r"#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*")
@@ -999,7 +1000,7 @@ class KeyGuard:
                 return math.ceil(client[1] - now), False
             guesses.clear()
             quiet_steps = int((now - client[1]) // QUIET_PERIOD) if client[1] > -math.inf else client[2]
-            client[2] = max(0, client[2] - quiet_steps) + 1
+            client[2] = min(max(0, client[2] - quiet_steps) + 1, LOCKOUT_STEPS)
             client[1] = now + min(FIRST_LOCKOUT * 2 ** (client[2] - 1), LONGEST_LOCKOUT)
             self.clients.move_to_end(client_name)
             return math.ceil(client[1] - now), True
@@ -1082,8 +1083,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         self.reader.deadline = time.monotonic() + self.server.client_timeout
         self.reader.budget = MAX_HEADER_BYTES + MAX_REQUEST_LINE
         self.requestline, self.request_version, self.command = "", "", ""
-        self.key, self.url_path, self.query = None, "/", {}
-        self.guesser, self.key_opens_some = None, False
+        self.key, self.url_path, self.query, self.headers = None, "/", {}, {}
+        self.guesser, self.refused = None, False
         try:
             self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
             if not self.raw_requestline:
@@ -1136,7 +1137,7 @@ class NoteHandler(BaseHTTPRequestHandler):
             self.send_error(500)
         finally:
             self.server.in_flight.discard(self)
-            if self.guesser is not None and self.key_opens_some:
+            if self.guesser is not None and not self.refused and self.server.index.opens_any(self.key):
                 self.server.guard.forgive(self.guesser)  # a right key: nothing was guessed
 
     # -- request → path guard → note ------------------------------------------
@@ -1188,18 +1189,22 @@ class NoteHandler(BaseHTTPRequestHandler):
             self.guesser = None  # nothing to forgive: this answer depends on no key
             raise HTTPError(429, "Too many wrong keys from your address. Try again later.",
                             headers=[("Retry-After", str(wait))])
-        self.key_opens_some = self.server.index.opens_any(self.key)
 
     def client_name(self):
-        """Return who this request counts as for the lock-out: the peer, or behind a trusted
-        proxy the right-most address it reports that is not itself a trusted proxy."""
+        """Return who this request counts as for the lock-out (an IPv6 client by its /64)."""
+        return client_of(self.address_string())
+
+    def address_string(self):
+        """Return the client's address: the peer, or behind a trusted proxy the right-most
+        address it reports that is not itself a trusted proxy (what came before that is the
+        client's own word).  From anyone else, forwarding headers are ignored."""
         address = self.client_address[0]
         trusted = self.server.trusted_proxies
-        if trusted and in_networks(address, trusted):
+        if trusted and self.headers and in_networks(address, trusted):
             chain = forwarded_chain(self.headers)
             untrusted = [hop for hop in chain if not in_networks(hop, trusted)]
             address = untrusted[-1] if untrusted else (chain[0] if chain else address)
-        return client_of(address)
+        return address
 
     def resolve(self, url_path):
         """Return (kind, real path, stat, Note or None) for url_path, or raise HTTPError: 404 when it is
@@ -1230,7 +1235,7 @@ class NoteHandler(BaseHTTPRequestHandler):
 
     def refuse(self):
         """Answer 403 with a key form; the request's key, if any, stays counted as a wrong guess."""
-        self.key_opens_some = False  # it does not open this note: the guess stands
+        self.refused = True  # the key does not open this note: the guess stands, whatever else it opens
         raise HTTPError(403, main=self.key_form(self.url_path, self.key is not None))
 
     # -- render → response ----------------------------------------------------
@@ -1595,7 +1600,9 @@ class NoteHandler(BaseHTTPRequestHandler):
             name, colon, value = str(line, "iso-8859-1").partition(":")
             if not colon or not name or name != name.strip():
                 return self.send_error(400, explain="Bad header line")
-            self.headers[name.lower()] = value.strip()
+            name, value = name.lower(), value.strip()
+            # Repeated fields are one list (RFC 9110): an X-Forwarded-For sent twice is not half-read.
+            self.headers[name] = f"{self.headers[name]}, {value}" if name in self.headers else value
         else:
             return self.send_error(431)
         connection = self.headers.get("connection", "").lower()

@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import socket
+import statistics
 import ssl
 import subprocess
 import sys
@@ -99,6 +100,7 @@ def serve(tmp_path):
             write_file(root, rel, content)
         log = io.StringIO()
         server = mdserve.make_server(root, log=log, **settings)
+        assert server.index.complete.wait(30)  # the files written above are indexed
         client = Client(server, root, log)
         thread = threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True)
         thread.start()
@@ -1268,3 +1270,312 @@ def test_concurrent_mixed_load_while_files_change(serve):
     editor.join(10)
     assert failures == []
     assert tree_hash(client.root) == before
+
+
+# Against an attacker who has read the code ####################################
+
+ORACLE_NOTES = {
+    "links.md": "# Links\n\nSee [[pin]] for the code.\n",
+    "pin.md": "password: 0013\n# PIN vault\n\nThe vault PIN-SECRET-BODY.\n",
+    "sub/a.md": "# A\n",
+    "pic.png": b"\x89PNG\r\n\x1a\n" + b"\0" * 16,
+}
+
+
+@pytest.mark.parametrize("route", ["/links.md", "/links.md?raw", "/", "/sub/", "/?q=pin", "/?q=links", "/pic.png",
+                                   "/links"])
+def test_guessing_a_key_through_any_route_is_counted(serve, route):
+    client = serve(ORACLE_NOTES, clock=FakeClock())
+    separator = "&" if "?" in route else "?"
+    answers = []
+    for guess in [f"{n:04d}" for n in range(11)] + ["0013"]:  # the right key comes after ten wrong ones
+        answers.append(client.get(f"{route}{separator}access_key={guess}"))
+    assert all(a.status == 200 for a in answers[:10])
+    assert answers[10].status == 429 and answers[11].status == 429
+    for answer in answers:
+        assert_no_secret(answer, "PIN-SECRET-BODY", "PIN vault")
+        assert 'href="/pin' not in answer.text  # a working link to the private note would tell the key
+    bodies = {a.body.replace(f"access_key={g:04d}".encode(), b"K").replace(f"{g:04d}".encode(), b"K")
+              for g, a in enumerate(answers[:10])}
+    assert len(bodies) == 1  # every wrong key got the same answer
+
+
+def test_browsing_with_a_key_that_opens_something_is_never_counted(serve):
+    client = serve(ORACLE_NOTES, clock=FakeClock())
+    for _ in range(15):
+        for path in ["/links.md", "/", "/sub/", "/?q=links", "/pic.png"]:
+            sep = "&" if "?" in path else "?"
+            assert client.get(f"{path}{sep}access_key=0013").status == 200
+    page = client.get("/links.md?access_key=0013")
+    assert 'href="/pin.md?access_key=0013"' in page.text and page.header("Cache-Control") == "no-store"
+
+
+def test_a_right_key_for_one_note_still_counts_on_another(serve):
+    client = serve(dict(ORACLE_NOTES, **{"other.md": "password: zz\n# Other\n"}), clock=FakeClock())
+    for _ in range(10):
+        assert client.get("/other.md?access_key=0013").status == 403
+    assert client.get("/pin.md?access_key=0013").status == 429
+
+
+def many_notes(count, words=("alpha", "beta", "gamma", "delta")):
+    return {f"f{n % 10}/n{n}.md": f"# Note {n}\n\n" + " ".join(words[(n + i) % len(words)] + str(i % 50)
+                                                              for i in range(200)) + "\n"
+            for n in range(count)}
+
+
+def test_hostile_searches_answer_in_bounded_time_and_block_nothing(serve):
+    client = serve(dict(many_notes(1500), **{"page.md": "# Page\n\nsee [[n7]]\n"}))
+    client.settle()
+    hostile = ["a " * 499, " ".join(f"{chr(97 + i % 26)}{chr(97 + i // 26 % 26)}" for i in range(499)),
+               '" * NEAR( OR title: ( - ^ alpha', "alpha*" * 100, "title:alpha OR beta NOT gamma"]
+    slow = threading.Thread(target=lambda: [client.get("/?q=" + urllib.parse.quote(q[:999])) for q in hostile])
+    slow.start()
+    started = time.monotonic()
+    page = client.get("/page.md")  # resolves a wiki link while the searches run
+    assert page.status == 200 and 'href="/f7/n7.md"' in page.text and time.monotonic() - started < 2
+    slow.join(30)
+    for query in hostile:
+        started = time.monotonic()
+        response = client.get("/?q=" + urllib.parse.quote(query[:999]))
+        assert response.status == 200 and "<main>" in response.text, query
+        assert time.monotonic() - started < 3, query
+
+
+def test_search_is_scoped_to_its_folder_in_the_index(serve):
+    client = serve(many_notes(200))
+    client.settle()
+    main = main_of(client.get("/f3/?q=alpha1"))
+    assert "f3/n3.md" in main and "f4/" not in main and "f3/n13.md" in main
+
+
+def test_keyless_search_time_does_not_depend_on_private_text(serve):
+    files = {f"p/n{n}.md": f"password: k{n}\n# P{n}\n\nzanzibar {SECRET}\n" for n in range(2000)}
+    files["public.md"] = "# Public\n\nnothing here\n"
+    client = serve(files)
+    client.settle()
+    times = {"zanzibar": [], "qwxyzzy": []}
+    for _ in range(15):
+        for word in times:  # interleaved, so both see the same machine
+            started = time.perf_counter()
+            response = client.get("/?q=" + word)
+            times[word].append(time.perf_counter() - started)
+            assert "No notes" in main_of(response)
+            assert_no_secret(response, SECRET, "zanzibar</mark>", "p/n")
+    ratio = statistics.median(times["zanzibar"]) / statistics.median(times["qwxyzzy"])
+    assert ratio < 2.0, times
+
+
+def test_a_note_renders_once_whatever_the_url_spelling(serve):
+    client = serve({"big.md": "# Big\n\n" + "[" * 6000, "tags.md": "<a " * 20000}, render_seconds=0.5)
+    results = []
+
+    def fetch(path):
+        started = time.monotonic()
+        results.append((client.get(path), time.monotonic() - started))
+    threads = [threading.Thread(target=fetch, args=(p,)) for p in ["/big.md", "//big.md", "/%62ig.md", "/big"] * 2]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert time.monotonic() - started < 4  # one render, cut at its deadline, shared by all eight
+    assert all(r.status == 200 and "[[[[" in r.text and "too long to render" in r.text for r, _ in results)
+    for path in ["/big.md?x=1", "/./big.md", "/big.md", "/tags.md"]:
+        started = time.monotonic()
+        response = client.get(path)
+        assert response.status == 200 and time.monotonic() - started < 2.5, path
+    for path in ["/tags.md", "/big.md"]:  # remembered: never rendered again, even after the cache is cleared
+        client.server.cache.items.clear()
+        started = time.monotonic()
+        response = client.get(path)
+        assert "too long to render" in response.text and time.monotonic() - started < 0.4
+    assert client.log_text().count("renders too slow") == 2
+
+
+def test_concurrent_first_views_share_one_render(serve):
+    client = serve({"slowish.md": "# S\n\n" + "[" * 1500 + "\n\nend-of-note\n"})
+    barrier, times = threading.Barrier(8), []
+
+    def fetch():
+        barrier.wait()
+        started = time.monotonic()
+        assert "end-of-note" in client.get("/slowish.md").text
+        times.append(time.monotonic() - started)
+    threads = [threading.Thread(target=fetch) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    single = time.monotonic()
+    client.server.cache.items.clear()
+    client.get("/slowish.md")
+    single = time.monotonic() - single
+    assert len(times) == 8 and max(times) < 3 * single + 0.5, (times, single)
+
+
+@pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "127.0.0.1.evil.example", "localhost.evil",
+                                  "", "notes.attacker.test:8000"])
+def test_a_host_name_not_of_this_server_gets_nothing(serve, host):
+    client = serve(NOTES)
+    for path in ["/plain.md", "/", "/?q=gardening", "/sub/pic.png"]:
+        response = client.get(path, headers={"Host": host})
+        assert response.status == 421 and "gardening" not in response.text and "Plain note" not in response.text
+
+
+@pytest.mark.parametrize("host", ["localhost", "localhost:{port}", "127.0.0.1:{port}", "[::1]:{port}", "app.localhost",
+                                  "LOCALHOST.", "{hostname}", "{hostname}.local:{port}", "notes.example.org"])
+def test_this_servers_own_names_are_answered(serve, host):
+    client = serve(NOTES, allowed_hosts=["notes.example.org"])
+    host = host.format(port=client.port, hostname=socket.gethostname())
+    response = client.get("/plain.md", headers={"Host": host})
+    assert response.status == 200 and "Plain note" in response.text
+
+
+def test_another_site_cannot_lock_out_the_owner(serve):
+    client = serve(NOTES, clock=FakeClock())
+    embedded = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "no-cors", "Sec-Fetch-Dest": "image"}
+    for n in range(20):
+        response = client.get(f"/?q=a&access_key=x{n}", headers=embedded)
+        assert response.status == 403 and "another site" in response.text
+    linked = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    for n in range(10):
+        assert client.get(f"/private.md?access_key=x{n}", headers=linked).status == 403
+    assert client.get("/private.md?access_key=1234", headers=linked).status == 429  # counted apart...
+    owner = client.get("/private.md?access_key=1234", headers={"Sec-Fetch-Site": "none"})
+    assert owner.status == 200 and SECRET in owner.text   # ...so the owner is not locked out
+
+
+def test_behind_a_trusted_proxy_each_client_is_counted_apart(serve):
+    client = serve(NOTES, clock=FakeClock(), trusted_proxies=["127.0.0.1"])
+    for n in range(10):
+        client.get(f"/private.md?access_key=x{n}", headers={"X-Forwarded-For": "198.51.100.7"})
+    assert client.get("/private.md?access_key=1234", headers={"X-Forwarded-For": "198.51.100.7"}).status == 429
+    other = client.get("/private.md?access_key=1234", headers={"X-Forwarded-For": "203.0.113.9, 198.51.100.7"})
+    assert other.status == 429  # the right-most entry is the one the proxy saw; the rest is the client's word
+    spoof = client.get("/private.md?access_key=1234", headers={"X-Forwarded-For": "198.51.100.7, 203.0.113.9"})
+    assert spoof.status == 200
+    assert client.get("/private.md?access_key=1234",
+                      headers={"Forwarded": 'for="[2001:db8::1]:4711";proto=http'}).status == 200
+    assert "198.51.100.7" in client.log_text()
+
+
+def test_forwarded_headers_from_anyone_else_are_ignored(serve):
+    client = serve(NOTES, clock=FakeClock())
+    for n in range(10):
+        client.get(f"/private.md?access_key=x{n}", headers={"X-Forwarded-For": f"198.51.100.{n}"})
+    assert client.get("/private.md?access_key=1234", headers={"X-Forwarded-For": "203.0.113.1"}).status == 429
+
+
+def test_ipv6_clients_are_counted_per_64(serve):
+    client = serve(NOTES, clock=FakeClock(), trusted_proxies=["127.0.0.0/8"])
+    for n in range(10):
+        client.get(f"/private.md?access_key=x{n}", headers={"X-Forwarded-For": f"2001:db8:1:2::{n + 1:x}"})
+    same_64 = client.get("/private.md?access_key=1234", headers={"X-Forwarded-For": "2001:db8:1:2:ffff::1"})
+    other_64 = client.get("/private.md?access_key=1234", headers={"X-Forwarded-For": "2001:db8:1:3::1"})
+    assert same_64.status == 429 and other_64.status == 200
+
+
+def test_lockouts_shorten_again_after_a_quiet_period():
+    clock = FakeClock()
+    guard = mdserve.KeyGuard(clock)
+
+    def lock_out():
+        for _ in range(mdserve.GUESS_LIMIT):
+            guard.attempt("10.0.0.1")
+        wait, locked = guard.attempt("10.0.0.1")
+        assert locked
+        clock.now += wait
+        return wait
+    assert [lock_out() for _ in range(6)] == [60, 120, 240, 480, 900, 900]
+    clock.now += 2 * mdserve.QUIET_PERIOD
+    assert lock_out() == 480   # two quiet periods: two steps back
+    clock.now += 10 * mdserve.QUIET_PERIOD
+    assert lock_out() == 60
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="no openssl to make a certificate (apt-get install openssl)")
+def test_a_tls_hello_trickled_a_byte_at_a_time_is_cut_off(serve, tmp_path):
+    cert, key = make_certificate(str(tmp_path))
+    client = serve(NOTES, tls=(cert, key), client_timeout=1)
+    hello = bytes.fromhex("16030100a5010000a10303") + os.urandom(32) + b"\x00" * 40
+    with socket.create_connection(("127.0.0.1", client.port), timeout=5) as sock:
+        started, closed = time.monotonic(), False
+        for byte in hello:
+            try:
+                sock.sendall(bytes([byte]))
+                time.sleep(0.3)
+            except OSError:
+                closed = True
+                break
+            if time.monotonic() - started > 6:
+                break
+        if not closed:
+            try:
+                closed = sock.recv(100) == b""
+            except OSError:
+                closed = True
+    assert closed and time.monotonic() - started < 4
+
+
+@pytest.mark.parametrize("name,content", [("evil.svg", b'<svg xmlns="http://www.w3.org/2000/svg"><script>1</script></svg>'),
+                                          ("evil.html", b"<script>alert(1)</script>"),
+                                          ("evil.xhtml", b'<html xmlns="http://www.w3.org/1999/xhtml"><script/></html>')])
+def test_attachments_are_sandboxed(serve, name, content):
+    client = serve({name: content, "n.md": "# N\n"})
+    response = client.get("/" + name)
+    assert response.status == 200 and response.body == content
+    assert response.header("Content-Security-Policy") == "sandbox; default-src 'none'"
+    raw = client.get("/n.md?raw")
+    assert raw.header("Content-Security-Policy") == "sandbox; default-src 'none'"
+    page = client.get("/n.md")
+    assert "sandbox" not in page.header("Content-Security-Policy")
+
+
+def test_keyed_answers_are_not_stored_and_have_their_own_validator(serve):
+    client = serve(NOTES)
+    for path in ["/plain.md", "/", "/sub/", "/sub/pic.png"]:
+        keyless = client.get(path)
+        keyed = client.get(path + "?access_key=1234")
+        assert keyed.status == 200 and keyed.header("Cache-Control") == "no-store"
+        assert keyed.header("ETag") != keyless.header("ETag")
+        assert client.get(path + "?access_key=1234", headers={"If-None-Match": keyless.header("ETag")}).status == 200
+        assert client.get(path + "?access_key=1234", headers={"If-None-Match": keyed.header("ETag")}).status == 304
+        assert client.get(path, headers={"If-None-Match": keyed.header("ETag")}).status == 200
+
+
+@pytest.mark.parametrize("path", ["/.", "/%2e", "/./.", "/%2E/", "/.?q=x"])
+def test_dot_paths_never_redirect_off_site(serve, path):
+    client = serve(NOTES)
+    response = client.get(path)
+    location = response.header("Location")
+    assert response.status in (200, 301, 404)
+    if response.status == 301:
+        assert location.startswith("/") and not location.startswith("//")
+        assert location.split("?")[0] == "/"
+
+
+def test_a_folder_of_only_private_notes_is_not_listed_without_its_key(serve):
+    client = serve({"plain.md": NOTES["plain.md"], "private.md": NOTES["private.md"],
+                    "acme-acquisition/terms.md": "password: acme\n# Terms\n",
+                    "acme-acquisition/deep/price.md": "password: acme\n# Price\n",
+                    "mixed/open.md": "# Open\n", "mixed/shut.md": "password: acme\n# Shut\n"})
+    client.settle()
+    for key in ["", "?access_key=1234"]:
+        listing = client.get("/" + key)
+        assert "acme-acquisition" not in listing.text and "mixed/" in main_of(listing)
+    assert "acme-acquisition/" in main_of(client.get("/?access_key=acme"))
+    assert "deep/" not in main_of(client.get("/acme-acquisition/"))
+
+
+@pytest.mark.skipif(os.name != "posix", reason="file modes are POSIX")
+@pytest.mark.skipif(not shutil.which("openssl"), reason="no openssl to make a certificate (apt-get install openssl)")
+def test_a_tls_key_others_can_read_gets_a_warning(tmp_path):
+    cert, key = make_certificate(str(tmp_path))
+    notes = tmp_path / "notes"
+    notes.mkdir()
+    for mode, warned in [(0o644, True), (0o600, False)]:
+        os.chmod(key, mode)
+        process, url, lines = start_cli(str(notes), "-b", "127.0.0.1", "--tls-cert", cert, "--tls-key", key)
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=10)
+        assert any("can be read by other users" in line for line in lines) == warned
