@@ -1579,3 +1579,79 @@ def test_a_tls_key_others_can_read_gets_a_warning(tmp_path):
         process.send_signal(signal.SIGINT)
         process.communicate(timeout=10)
         assert any("can be read by other users" in line for line in lines) == warned
+
+
+def free_port():
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+@pytest.fixture
+def nginx_in_front(tmp_path):
+    """Start a real nginx on a free loopback port, proxying to a given mdserve port."""
+    nginx = shutil.which("nginx") or next((p for p in ("/usr/sbin/nginx", "/usr/local/sbin/nginx")
+                                           if os.path.exists(p)), None)
+    if nginx is None:
+        pytest.skip("nginx is not installed (apt-get install nginx)")
+    started = []
+
+    def start(upstream_port):
+        prefix, port = tmp_path / "nginx", free_port()
+        prefix.mkdir()
+        (prefix / "nginx.conf").write_text(f"""
+daemon off; master_process off; pid {prefix}/nginx.pid; error_log {prefix}/error.log;
+events {{ worker_connections 64; }}
+http {{
+  access_log off;
+  client_body_temp_path {prefix}/body; proxy_temp_path {prefix}/proxy; fastcgi_temp_path {prefix}/fcgi;
+  uwsgi_temp_path {prefix}/uwsgi; scgi_temp_path {prefix}/scgi;
+  server {{
+    listen 127.0.0.1:{port};
+    location / {{
+      proxy_pass http://127.0.0.1:{upstream_port};
+      proxy_set_header Host $host;
+      proxy_set_header X-Forwarded-For $proxy_add_x_forwarded_for;
+    }}
+  }}
+}}
+""")
+        process = subprocess.Popen([nginx, "-p", str(prefix), "-c", str(prefix / "nginx.conf")],
+                                   stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        started.append(process)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=1).close()
+                return port
+            except OSError:
+                assert process.poll() is None, process.stderr.read().decode()
+                time.sleep(0.05)
+        pytest.fail("nginx did not start")
+
+    yield start
+    for process in started:
+        process.terminate()
+        process.wait(10)
+
+
+def get_from(source, port, path, headers=()):
+    """GET path from a given loopback source address; return (status, body)."""
+    with socket.create_connection(("127.0.0.1", port), timeout=10, source_address=(source, 0)) as sock:
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        sock.sendall(f"GET {path} HTTP/1.1\r\nHost: localhost\r\n{extra}Connection: close\r\n\r\n".encode())
+        answer = b"".join(iter(lambda: sock.recv(65536), b""))
+    return int(answer.split(b" ", 2)[1]), answer
+
+
+def test_behind_real_nginx_each_client_is_counted_apart(serve, nginx_in_front):
+    client = serve(NOTES, clock=FakeClock(), trusted_proxies=["127.0.0.1"])
+    port = nginx_in_front(client.port)
+    for n in range(10):
+        assert get_from("127.0.0.2", port, f"/private.md?access_key=x{n}")[0] == 403
+    assert get_from("127.0.0.2", port, "/private.md?access_key=1234")[0] == 429
+    spoofed = get_from("127.0.0.2", port, "/private.md?access_key=1234", [("X-Forwarded-For", "203.0.113.5")])
+    assert spoofed[0] == 429  # nginx appends the real peer: the client's own entry is not believed
+    status, body = get_from("127.0.0.3", port, "/private.md?access_key=1234")
+    assert status == 200 and SECRET.encode() in body
+    assert "127.0.0.2" in client.log_text() and "127.0.0.3" in client.log_text()
