@@ -178,6 +178,33 @@ class HTTPError(Exception):
         self.status, self.explain, self.main, self.headers = status, explain, main, headers
 
 
+# Platform ####################################################################
+
+class Platform:
+    """What this operating system offers, chosen once, at start-up, by capability.
+
+    MDSERVE_PLATFORM=win32 makes the same choices on any system, which is how the tests
+    stand in for Windows: each fallback then runs over real sockets.
+    """
+
+    def __init__(self, name):
+        windows = name == "win32"
+        self.name = name
+        # One sendmsg() sends head and body without joining them; Windows has no sendmsg.
+        self.sendmsg = hasattr(socket.socket, "sendmsg") and not windows
+        # The kernel's idle timeouts (SO_RCVTIMEO/SO_SNDTIMEO, a struct timeval) spare a poll()
+        # before every recv and send.  Windows reads those options as a DWORD of milliseconds:
+        # there Python's own socket timeout is used, whose units CPython gets right everywhere.
+        self.kernel_timeouts = not windows and hasattr(socket, "SO_RCVTIMEO")
+        # On Windows SO_REUSEADDR lets a second server take a port that is in use; bind exclusively.
+        self.exclusive_bind = windows
+        # Junctions and other reparse points lead elsewhere, like symlinks.
+        self.reparse_points = getattr(stat, "FILE_ATTRIBUTE_REPARSE_POINT", 0x400) if windows else 0
+
+
+PLATFORM = Platform(os.environ.get("MDSERVE_PLATFORM") or sys.platform)
+
+
 # Notes #######################################################################
 
 class Note:
@@ -276,23 +303,40 @@ def may_open(password, key):
 
 # Path guard ##################################################################
 
-def guarded(root, path, forbidden=()):
-    """Return the real path of path when it lies inside root and may be served, else None.
+def guarded(root, path):
+    """Return the real path of path when it lies inside root and outside dot-folders, else None.
 
-    Links are resolved first, so a link that leads out of the folder, into a dot-folder
-    or to one of the server's own files is refused like the file itself.
+    Links (symlinks, and on Windows junctions: realpath resolves both) are resolved
+    first, so a link that leads out of the folder or into a dot-folder is refused like
+    the place it leads to.
     """
     real = os.path.realpath(path)
     if real == root:
         return real
-    if not real.startswith(os.path.join(root, "")) or real in forbidden:
+    if not real.startswith(os.path.join(root, "")):
         return None
     if any(part.startswith(".") for part in relative(root, real).split("/")):
         return None
     return real
 
 
-def locate(root, url_path, forbidden=(), known=None):
+def is_forbidden(status, forbidden):
+    """True for the server's own script and TLS files, compared by identity (device and
+    inode), never by spelling: on a case-insensitive file system /MDSERVE.PY is the script."""
+    return (status.st_dev, status.st_ino) in forbidden
+
+
+def inspect(root, path, forbidden):
+    """Return (real path, stat) of path when it may be served, else (None, None); OSError
+    when it vanished."""
+    real = guarded(root, path)
+    status = os.stat(real) if real else None
+    if status is None or is_forbidden(status, forbidden):
+        return None, None
+    return real, status
+
+
+def locate(root, url_path, forbidden=frozenset(), known=None):
     """Return (kind, real path, stat) that a URL path means: kind is note, folder or file.
 
     Raises HTTPError 404 for anything that is not there or must look as if it were not:
@@ -300,10 +344,8 @@ def locate(root, url_path, forbidden=(), known=None):
     dict, remembers real paths already checked, trusted again only while the path still
     leads to the same inode: one stat instead of an lstat per folder on the way.
     """
-    try:
-        decoded = urllib.parse.unquote(url_path, errors="strict")
-    except UnicodeDecodeError:
-        raise HTTPError(404) from None
+    # surrogateescape: a name that is not UTF-8 (possible on Linux) is reached by its bytes
+    decoded = urllib.parse.unquote(url_path, errors="surrogateescape")
     if REFUSED_PATH.search(decoded):
         raise HTTPError(404)
     path = os.path.join(root, *[p for p in decoded.split("/") if p not in ("", ".")])
@@ -312,11 +354,13 @@ def locate(root, url_path, forbidden=(), known=None):
     for candidate in candidates:
         try:
             status = os.stat(candidate)
-        except OSError:
+        except (OSError, ValueError):  # ValueError: a name this platform cannot spell
             continue
+        if is_forbidden(status, forbidden):
+            break
         real, device, inode = known.get(candidate, (None, None, None))
         if (device, inode) != (status.st_dev, status.st_ino):
-            real = guarded(root, candidate, forbidden)
+            real = guarded(root, candidate)
             if len(known) > 10000:
                 known.clear()
             known[candidate] = (real, status.st_dev, status.st_ino)
@@ -334,11 +378,21 @@ def relative(root, real):
     return real[len(root) + (not root.endswith(os.sep)):].replace(os.sep, "/") if real != root else ""
 
 
-def note_files(root, folder, forbidden=()):
+def is_link(entry):
+    """True for a directory entry that leads elsewhere: a symlink, or on Windows a junction
+    or other reparse point (which is_symlink() does not report before Python 3.12)."""
+    if entry.is_symlink():
+        return True
+    return bool(PLATFORM.reparse_points and PLATFORM.reparse_points
+                & getattr(entry.stat(follow_symlinks=False), "st_file_attributes", 0))
+
+
+def note_files(root, folder, forbidden=frozenset()):
     """Yield (relative path, real path, stat) for each note under folder.
 
     Iterative, so very deep trees cannot exhaust the stack; linked folders are not
-    entered, so link loops cannot trap it.
+    entered, so link loops cannot trap it, and linked notes count only when they lead to a
+    note inside the folder.  Names that are not UTF-8 are left out: the index cannot hold them.
     """
     stack = [folder]
     while stack:
@@ -348,18 +402,27 @@ def note_files(root, folder, forbidden=()):
         except OSError:
             continue
         for entry in entries:
-            if entry.name.startswith("."):
+            if entry.name.startswith(".") or not is_utf8(entry.name):
                 continue
             try:
-                if entry.is_dir(follow_symlinks=False):
+                linked = is_link(entry)
+                if entry.is_dir(follow_symlinks=False) and not linked:
                     stack.append(entry.path)
                 elif entry.name.lower().endswith(NOTE_SUFFIXES):
-                    real = guarded(root, entry.path, forbidden) if entry.is_symlink() else entry.path
-                    status = os.stat(real) if real else None
-                    if status and stat.S_ISREG(status.st_mode):
+                    real, status = inspect(root, entry.path, forbidden) if linked else (entry.path, entry.stat())
+                    if status and stat.S_ISREG(status.st_mode) and not is_forbidden(status, forbidden):
                         yield relative(root, entry.path), real, status
             except OSError:
                 continue
+
+
+def is_utf8(name):
+    """False for a file name that is not valid UTF-8 (os functions hand it over with surrogates)."""
+    try:
+        name.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
 
 
 # Rendering ###################################################################
@@ -809,8 +872,8 @@ class NoteIndex:
                 self.passes += 1
             try:
                 self.index_pass()
-            except (sqlite3.Error, OSError) as error:  # a full disk, say: search goes stale, pages go on
-                print(f"mdserve: indexing stopped for a while: {error}", file=sys.stderr, flush=True)
+            except Exception as error:  # a full disk, say: search goes stale for a while, pages go on
+                print(f"mdserve: indexing paused: {type(error).__name__}: {error}", file=sys.stderr, flush=True)
                 self.stopped.wait(10)
             with self.passes_changed:
                 self.passes_done = self.passes
@@ -1055,21 +1118,17 @@ class NoteHandler(BaseHTTPRequestHandler):
         seconds = self.server.client_timeout
         tls = isinstance(self.connection, ssl.SSLSocket)
         self.reader = _DeadlineReader(self.connection, "rb")
-        self.reader.idle, self.reader.per_read = seconds, tls
-        if tls:
-            # Python's timeout bounds the whole handshake (not each read of it), so a
-            # ClientHello sent a byte at a time cannot hold the connection.
+        self.reader.idle, self.reader.per_read = seconds, tls or not PLATFORM.kernel_timeouts
+        if self.reader.per_read:
             self.connection.settimeout(seconds)
-            self.connection.do_handshake()
+            if tls:  # Python's timeout bounds the whole handshake, not each read of it
+                self.connection.do_handshake()
         else:
             # The idle timeout is the kernel's (SO_RCVTIMEO/SO_SNDTIMEO): a Python socket timeout
             # would poll() before every recv and send, two more GIL handoffs on every request.
-            try:
-                timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
-                for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
-                    self.connection.setsockopt(socket.SOL_SOCKET, option, timeval)
-            except (OSError, struct.error):  # a platform without them: Python's own timeout
-                self.connection.settimeout(seconds)
+            timeval = struct.pack("ll", int(seconds), int(seconds % 1 * 1e6))
+            for option in (socket.SO_RCVTIMEO, socket.SO_SNDTIMEO):
+                self.connection.setsockopt(socket.SOL_SOCKET, option, timeval)
         self.rfile = io.BufferedReader(self.reader)
 
     def handle(self):
@@ -1214,9 +1273,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         kind, real, status = locate(root, url_path, self.server.forbidden, self.server.real_paths)
         if kind == "folder" and url_path.endswith("/") and not self.query.get("q", "").strip():
             for name in INDEX_NAMES:
-                index = guarded(root, os.path.join(real, name), self.server.forbidden)
                 try:
-                    index_status = os.stat(index) if index else None
+                    index, index_status = inspect(root, os.path.join(real, name), self.server.forbidden)
                 except OSError:
                     continue
                 if index_status and stat.S_ISREG(index_status.st_mode):
@@ -1353,9 +1411,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         with os.scandir(real) as entries:
             entries = sorted(entries, key=lambda e: e.name.casefold())
         for entry in entries:
-            target = guarded(root, entry.path, self.server.forbidden)
             try:
-                status = os.stat(target) if target else None
+                target, status = inspect(root, entry.path, self.server.forbidden)
                 if status and stat.S_ISDIR(status.st_mode):
                     if index.folder_visible(relative(root, entry.path), self.key):
                         folders.append(entry.name)
@@ -1387,8 +1444,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         folder, terms, results = relative(root, real), search_terms(query), []
         hits, stopped = index.search(terms, folder, self.key) if terms else ([], None)
         for rel in hits:
-            target = guarded(root, os.path.join(root, *rel.split("/")), self.server.forbidden)
             try:  # re-read: privacy and snippet come from the file as it is now
+                target, status = inspect(root, os.path.join(root, *rel.split("/")), self.server.forbidden)
                 note = read_note(target, self.server.note_limit) if target else None
             except OSError:
                 continue
@@ -1529,7 +1586,7 @@ class NoteHandler(BaseHTTPRequestHandler):
 
     def send_all(self, head, body):
         """Send head and body in one system call (no Nagle wait, no copy of the body)."""
-        if isinstance(self.connection, ssl.SSLSocket):  # TLS has no sendmsg
+        if not PLATFORM.sendmsg or isinstance(self.connection, ssl.SSLSocket):  # TLS has no sendmsg
             return self.wfile.write(head + body)
         sent = self.connection.sendmsg([head, body])
         if sent < len(head) + len(body):
@@ -1691,7 +1748,7 @@ class NoteServer(ThreadingHTTPServer):
                  max_connections=256, client_timeout=10.0, log=None, clock=time.monotonic,
                  allowed_hosts=(), trusted_proxies=(), render_seconds=RENDER_SECONDS, fts=True):
         self.root = os.path.realpath(root)
-        self.forbidden = {os.path.realpath(__file__)} | {os.path.realpath(p) for p in (tls or ())}
+        self.forbidden = own_files(tls)
         self.reload, self.note_limit, self.client_timeout = reload, int(max_note_mb * 2**20), client_timeout
         self.max_connections, self.connections, self.stopping = max_connections, 0, False
         self.per_client, self.client_share = collections.Counter(), max(1, max_connections // 4)
@@ -1748,6 +1805,13 @@ class NoteServer(ThreadingHTTPServer):
         return allowed
 
     def server_bind(self):
+        if PLATFORM.exclusive_bind:
+            self.allow_reuse_address = False
+            if hasattr(socket, "SO_EXCLUSIVEADDRUSE"):
+                self.socket.setsockopt(socket.SOL_SOCKET, socket.SO_EXCLUSIVEADDRUSE, 1)
+        if self.address_family == socket.AF_INET6 and ipaddress.ip_address(self.server_address[0]).is_unspecified:
+            # '::' means every address, IPv4 too: Windows (and some Linux set-ups) default to IPv6 only
+            self.socket.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0)
         # http.server's calls getfqdn(), a DNS look-up that can stall start-up and leave the machine.
         super(ThreadingHTTPServer, self).server_bind()
         self.server_name, self.server_port = self.server_address[:2]
@@ -1830,6 +1894,18 @@ class NoteServer(ThreadingHTTPServer):
         while self.in_flight and time.monotonic() < deadline:
             time.sleep(0.05)
         self.flush_log()
+
+
+def own_files(tls):
+    """Return the identities (device, inode) of the files this server must never serve."""
+    identities = set()
+    for path in (os.path.abspath(__file__),) + tuple(tls or ()):
+        try:
+            status = os.stat(path)
+            identities.add((status.st_dev, status.st_ino))
+        except OSError:
+            pass
+    return frozenset(identities)
 
 
 def host_name(host):
