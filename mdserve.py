@@ -1,4 +1,8 @@
 #!/usr/bin/env python3
+# /// script
+# requires-python = ">=3.8"
+# dependencies = ["markdown>=3.3"]
+# ///
 """mdserve - serve a folder of markdown notes as a small private website.
 
 Usage:  python mdserve.py [DIR] [-p PORT] [-b ADDRESS] [options]
@@ -49,8 +53,14 @@ import xml.etree.ElementTree as etree
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-import markdown
-from markdown.inlinepatterns import InlineProcessor
+try:
+    import markdown
+except ImportError:  # --help and --version still work; serving says what to install (see main)
+    markdown = None
+try:
+    from markdown.inlinepatterns import InlineProcessor
+except ImportError:  # no markdown, or one too old: main() says so before anything is built on these
+    InlineProcessor = object
 
 try:  # Pygments is optional: code blocks are styled either way, coloured when it is there.
     from pygments.formatters import HtmlFormatter
@@ -60,6 +70,7 @@ except ImportError:
 
 # Constants and template ######################################################
 
+MIN_MARKDOWN = (3, 3)           # the oldest Python-Markdown tested (CI runs against it)
 NOTE_SUFFIXES = (".md", ".markdown")
 INDEX_NAMES = ("index.md", "README.md", "readme.md")
 MAX_REQUEST_LINE = 8192
@@ -281,7 +292,7 @@ def read_note(path, limit):
     first, _, rest = text.partition("\n")
     password = password_of(first)
     body, title = split_front_matter(text if password is None else rest)
-    name = os.path.splitext(os.path.basename(path))[0]
+    name = readable(os.path.splitext(os.path.basename(path))[0])
     return Note(title or first_heading(body) or name, password, body,
                 status.st_mtime_ns, status.st_size, status.st_size > limit)
 
@@ -522,8 +533,14 @@ def render_markdown(text):
 
 
 def quote_url(path):
-    """Return path quoted for an href (a note named 'a?b#c.md' must stay one path)."""
-    return urllib.parse.quote(path, safe="/")
+    """Return path quoted for an href (a note named 'a?b#c.md' must stay one path).  A name
+    that is not UTF-8 is quoted byte for byte, so that its link leads back to it."""
+    return urllib.parse.quote(path, safe="/", errors="surrogateescape")
+
+
+def readable(name):
+    """Return a file name fit to show: bytes that are not UTF-8 become U+FFFD."""
+    return name.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def breadcrumbs(root_name, url_path, key_query):
@@ -714,7 +731,8 @@ class NoteIndex:
         if is_current(known, status):
             return known
         note = read_note(real, self.note_limit)
-        self.remember(rel, note, 0)  # the indexer brings the text index up to date on its next pass
+        if is_utf8(rel):  # the indexer brings the text index up to date on its next pass
+            self.remember(rel, note, 0)
         return note
 
     def opener(self, password):
@@ -1387,7 +1405,7 @@ class NoteHandler(BaseHTTPRequestHandler):
         """Return the small print under a note: its file, when it changed, its raw text."""
         modified = time.strftime("%Y-%m-%d %H:%M", time.localtime(note.mtime_ns / 1e9))
         raw = html.escape(quote_url(rel.rpartition("/")[2]) + "?raw" + self.key_query().replace("?", "&"))
-        return f'<p class="meta">{html.escape(rel)} · modified {modified} · <a href="{raw}">raw</a></p>'
+        return f'<p class="meta">{html.escape(readable(rel))} · modified {modified} · <a href="{raw}">raw</a></p>'
 
     def wiki_link(self, match, rel):
         """Return the link for one [[wiki link]] placeholder, or broken text."""
@@ -1424,13 +1442,13 @@ class NoteHandler(BaseHTTPRequestHandler):
                 continue
         key = self.key_query()
         rows = [f'<li class="dir"><a href="../{key}">..</a></li>'] if real != root else []
-        rows += [f'<li class="dir"><a href="{html.escape(quote_url(name))}/{key}">{html.escape(name)}/</a></li>'
-                 for name in folders]
+        rows += [f'<li class="dir"><a href="{html.escape(quote_url(name))}/{key}">{html.escape(readable(name))}/</a>'
+                 '</li>' for name in folders]
         for _, name, note in sorted(notes):
             lock = LOCK if note.password is not None else ""
             modified = time.strftime("%Y-%m-%d", time.localtime(note.mtime_ns / 1e9))
             rows.append(f'<li>{lock}<a href="{html.escape(quote_url(name))}{key if lock else ""}">'
-                        f'{html.escape(note.title)}</a> <small>{html.escape(name)} · {modified}</small></li>')
+                        f'{html.escape(note.title)}</a> <small>{html.escape(readable(name))} · {modified}</small></li>')
         folder = relative(root, real)
         title = self.folder_name(folder)
         empty = "" if folders or notes else "<p>No notes here yet.</p>"
@@ -1619,7 +1637,7 @@ class NoteHandler(BaseHTTPRequestHandler):
         return "?" + urllib.parse.urlencode({"access_key": self.key}) if self.key is not None else ""
 
     def folder_name(self, folder):
-        return folder.rpartition("/")[2] or os.path.basename(self.server.root) or "/"
+        return readable(folder.rpartition("/")[2] or os.path.basename(self.server.root) or "/")
 
     def page(self, title, main, folder, query="", etag=None, chrome=True):
         """Return the whole HTML page for main, with header, title and reload script."""
@@ -1633,7 +1651,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         search_url = quote_url("/" + folder + "/" if folder else "/")
         return PAGE.format(title=html.escape(title), favicon=FAVICON, css=css, crumbs=crumbs,
                            search_url=html.escape(search_url), key_field=key_field, query=html.escape(query),
-                           folder=html.escape(self.folder_name(folder)), main=main, script=script).encode()
+                           folder=html.escape(self.folder_name(folder)), main=main,
+                           script=script).encode("utf-8", "replace")  # a stray surrogate: '?', never a 500
 
     def parse_request(self):
         """Parse the request line and headers into self.headers, a dict of lower-case names.
@@ -1974,7 +1993,22 @@ class _Parser(argparse.ArgumentParser):
         self.exit(2, f"mdserve: {message}\n")
 
 
+def markdown_problem():
+    """Return one line saying how to get a Python-Markdown this file can use, or None."""
+    get = ("python -m pip install 'markdown>={0}' (or in a venv; or apt install python3-markdown; "
+           "or run it with: uv run mdserve.py, or pipx run mdserve.py)").format(".".join(map(str, MIN_MARKDOWN)))
+    if markdown is None:
+        return f"the markdown package is not installed. Get it with: {get}"
+    version = tuple(getattr(markdown, "__version_info__", (0, 0))[:2])
+    if version < MIN_MARKDOWN:
+        return f"markdown {getattr(markdown, '__version__', '?')} is too old. Get a newer one with: {get}"
+    return None
+
+
 def main(argv=None):
+    for stream in (sys.stdout, sys.stderr):  # a console that cannot show a name shows '?' instead
+        if hasattr(stream, "reconfigure"):
+            stream.reconfigure(errors="replace")
     parser = _Parser(prog="mdserve", description="Serve a folder of markdown notes as a small website.")
     parser.add_argument("folder", nargs="?", default=".", metavar="DIR", help="folder of notes (default: .)")
     parser.add_argument("-p", "--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
@@ -1999,6 +2033,9 @@ def main(argv=None):
                              "X-Forwarded-For or Forwarded (repeatable)")
     parser.add_argument("--version", action="version", version=f"mdserve {__version__}")
     args = parser.parse_args(argv)
+    problem = markdown_problem()
+    if problem:
+        parser.exit(2, f"mdserve: {problem}\n")
     if not os.path.isdir(args.folder):
         parser.error(f"{args.folder}: not a folder")
     args.bind = {"localhost": "127.0.0.1", "": "0.0.0.0"}.get(args.bind, args.bind)

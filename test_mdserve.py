@@ -1655,3 +1655,153 @@ def test_behind_real_nginx_each_client_is_counted_apart(serve, nginx_in_front):
     status, body = get_from("127.0.0.3", port, "/private.md?access_key=1234")
     assert status == 200 and SECRET.encode() in body
     assert "127.0.0.2" in client.log_text() and "127.0.0.3" in client.log_text()
+
+
+# Any machine ###################################################################
+
+@pytest.mark.skipif(sys.platform != "linux", reason="only Linux lets a file name be bytes that are not UTF-8")
+def test_a_name_that_is_not_utf8_is_listed_and_served(serve):
+    client = serve({"plain.md": "# Plain\n\nfindme\n"})
+    raw_root = client.root.encode()
+    with open(os.path.join(raw_root, b"caf\xe9.md"), "wb") as f:
+        f.write(b"# Latin-1 name\n\nfindme too\n")
+    os.mkdir(os.path.join(raw_root, b"dir\xff"))
+    with open(os.path.join(raw_root, b"dir\xff", b"n.md"), "wb") as f:
+        f.write(b"no heading\n")
+    listing = client.get("/")
+    assert listing.status == 200 and "Latin-1 name" in listing.text and "caf\ufffd.md" in listing.text
+    assert 'href="caf%E9.md"' in listing.text and 'href="dir%FF/"' in listing.text
+    page = client.get("/caf%E9.md")
+    assert page.status == 200 and "findme too" in page.text
+    inner = client.get("/dir%FF/")
+    assert inner.status == 200 and 'href="n.md"' in inner.text
+    assert client.get("/dir%FF/n.md").status == 200
+    client.settle()
+    search = client.get("/?q=findme")
+    assert search.status == 200 and "plain.md" in main_of(search)
+    assert "Traceback" not in client.log_text()
+
+
+def test_a_same_size_edit_within_one_mtime_tick_is_seen(serve):
+    client = serve({"a.md": "# A\n\nversion one\n"})
+    path = os.path.join(client.root, "a.md")
+    tick = (time.time_ns() // 10**9) * 10**9   # a whole second, as FAT or HFS+ would record it
+    os.utime(path, ns=(tick, tick))
+    assert "version one" in client.get("/a.md").text
+    assert "version one" in client.get("/a.md").text   # and again: it must not be cached as current
+    client.write("a.md", "# A\n\nversion two\n")        # same size
+    os.utime(path, ns=(tick, tick))                    # same mtime
+    assert "version two" in client.get("/a.md").text
+    listing = client.get("/")
+    assert "a.md" in listing.text
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="no openssl to make a certificate (apt-get install openssl)")
+def test_forbidden_files_are_refused_under_any_spelling(serve, tmp_path):
+    root = tmp_path / "notes"
+    root.mkdir()
+    cert, key = make_certificate(str(root))
+    os.link(key, root / "KEY.PEM")          # what a case-insensitive file system would show
+    os.symlink("key.pem", root / "Key.Pem")
+    os.link(key, root / "innocent.txt")
+    client = serve(NOTES, tls=(cert, key))
+    context = ssl.create_default_context(cafile=cert)
+    context.check_hostname = False
+    connection = http.client.HTTPSConnection("127.0.0.1", client.port, context=context, timeout=10)
+    for path in ["/KEY.PEM", "/Key.Pem", "/innocent.txt", "/key.pem", "/key.pem?raw"]:
+        connection.request("GET", path)
+        response = connection.getresponse()
+        body = response.read()
+        assert response.status == 404 and b"PRIVATE KEY" not in body, path
+    connection.request("GET", "/")
+    listing = connection.getresponse().read()
+    assert b"KEY.PEM" not in listing and b"innocent" not in listing
+    connection.close()
+
+
+def test_the_script_is_refused_under_any_spelling(tmp_path):
+    app, notes = tmp_path / "app", tmp_path / "notes"
+    app.mkdir()
+    notes.mkdir()
+    shutil.copy(os.path.join(HERE, "mdserve.py"), app / "mdserve.py")
+    os.link(app / "mdserve.py", notes / "MDSERVE.PY")
+    os.link(app / "mdserve.py", notes / "tool.md")
+    process = subprocess.Popen([sys.executable, str(app / "mdserve.py"), str(notes), "-p", "0", "-b", "127.0.0.1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = next(m.group(0) for line in process.stdout if (m := re.search(r"http://127\.0\.0\.1:\d+", line)))
+        port = int(url.rsplit(":", 1)[1])
+        for path in ["/MDSERVE.PY", "/tool.md", "/tool", "/tool.md?raw", "/"]:
+            connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+            connection.request("GET", path)
+            response = connection.getresponse()
+            body = response.read()
+            assert b"PLATFORM" not in body and b"def main" not in body, path
+            assert response.status == (200 if path == "/" else 404), path
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.communicate(timeout=10)
+
+
+def fake_markdown(tmp_path, source):
+    fake = tmp_path / "fake" / "markdown"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text(source)
+    return dict(os.environ, PYTHONPATH=str(tmp_path / "fake"))
+
+
+@pytest.mark.parametrize("source,says", [("raise ImportError('hidden')", "not installed"),
+                                         ("__version__ = '3.1.1'\n__version_info__ = (3, 1, 1, 'final', 0)\n",
+                                          "markdown 3.1.1 is too old")])
+def test_without_a_usable_markdown_one_line_says_what_to_install(tmp_path, source, says):
+    env = fake_markdown(tmp_path, source)
+    script = os.path.join(HERE, "mdserve.py")
+    for flag, expected in [("--help", "--allowed-host"), ("--version", "mdserve ")]:
+        result = subprocess.run([sys.executable, script, flag], env=env, capture_output=True, text=True, timeout=20)
+        assert result.returncode == 0 and expected in result.stdout and result.stderr == ""
+    result = subprocess.run([sys.executable, script, str(tmp_path)], env=env, capture_output=True, text=True,
+                            timeout=20)
+    assert result.returncode == 2 and result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and says in lines[0] and "pip install" in lines[0] and "Traceback" not in result.stderr
+    assert "apt install python3-markdown" in lines[0] and "uv run" in lines[0] and "markdown>=3.3" in lines[0]
+
+
+def test_a_console_that_cannot_show_the_folder_name_gets_question_marks(tmp_path):
+    folder = tmp_path / "Notizen ✓ 日本"
+    folder.mkdir()
+    (folder / "a.md").write_text("# A\n")
+    env = dict(os.environ, PYTHONIOENCODING="cp1252")
+    process = subprocess.Popen([sys.executable, os.path.join(HERE, "mdserve.py"), str(folder), "-p", "0",
+                                "-b", "127.0.0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    lines = []
+    for line in process.stdout:
+        lines.append(line.decode("cp1252"))
+        if b"Ctrl+C" in line:
+            break
+    process.send_signal(signal.SIGINT)
+    out, err = process.communicate(timeout=10)
+    assert "Notizen ? ??" in "".join(lines) and b"Traceback" not in err and process.returncode == 0
+
+
+@pytest.mark.skipif(not socket.has_ipv6, reason="no IPv6 on this machine")
+def test_binding_all_ipv6_addresses_also_serves_ipv4(serve):
+    try:
+        client = serve(NOTES, host="::")
+    except OSError as error:
+        pytest.skip(f"cannot bind '::' here: {error}")
+    for address in ["127.0.0.1", "::1"]:
+        connection = http.client.HTTPConnection(address, client.port, timeout=5)
+        connection.request("GET", "/plain.md")
+        response = connection.getresponse()
+        assert response.status == 200 and b"Plain note" in response.read()
+        connection.close()
+
+
+def test_windows_choices():
+    windows = mdserve.Platform("win32")
+    assert not windows.sendmsg and not windows.kernel_timeouts and windows.exclusive_bind
+    assert windows.reparse_points == 0x400
+    here = mdserve.Platform("linux")
+    assert not here.exclusive_bind and here.reparse_points == 0
+    assert here.sendmsg == hasattr(socket.socket, "sendmsg")
