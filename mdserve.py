@@ -58,9 +58,17 @@ try:
 except ImportError:  # --help and --version still work; serving says what to install (see main)
     markdown = None
 try:
-    from markdown.inlinepatterns import InlineProcessor
+    from markdown.blockprocessors import HashHeaderProcessor
+    from markdown.extensions import Extension
+    from markdown.extensions.codehilite import CodeHilite
+    from markdown.inlinepatterns import InlineProcessor, SubstituteTagInlineProcessor
+    from markdown.postprocessors import Postprocessor
+    from markdown.preprocessors import Preprocessor
+    from markdown.treeprocessors import Treeprocessor
+    from markdown.util import AtomicString
 except ImportError:  # no markdown, or one too old: main() says so before anything is built on these
-    InlineProcessor = object
+    HashHeaderProcessor = Extension = InlineProcessor = Postprocessor = Preprocessor = Treeprocessor = object
+    CodeHilite = SubstituteTagInlineProcessor = AtomicString = None
 
 try:  # Pygments is optional: code blocks are styled either way, coloured when it is there.
     from pygments.formatters import HtmlFormatter
@@ -436,7 +444,400 @@ def is_utf8(name):
         return False
 
 
-# Rendering ###################################################################
+# Markdown dialect ############################################################
+#
+# Python-Markdown reads its own dialect; the notes were written for GitHub (CommonMark and
+# its GFM extensions) or Obsidian.  Each construct below is a small Python-Markdown
+# extension: the block structure is rewritten first, line by line, into the form
+# Python-Markdown reads (GitHubBlocks), and the rest are inline patterns and tree
+# processors.
+
+# Tags GitHub shows as text rather than run (its "tagfilter"), and a few more that a page of
+# notes has no use for: they could run script, restyle or redirect the page, or post a form.
+REFUSED_TAGS = ("script", "style", "iframe", "object", "embed", "base", "meta", "link", "form", "frame",
+                "frameset", "noscript", "title", "textarea", "xmp", "noembed", "noframes", "plaintext")
+REFUSED_TAG = re.compile(r"<(/?(?:%s))(?=[\s/>]|$)" % "|".join(REFUSED_TAGS), re.I)
+CODE_SPAN = re.compile(r"(`+)(?!`).*?(?<!`)\1(?!`)")
+URL_ATTRIBUTES = {"href", "src", "action", "formaction", "xlink:href", "background", "poster", "cite", "data",
+                  "codebase", "longdesc", "lowsrc", "dynsrc", "ping", "srcset", "usemap", "manifest"}
+DANGEROUS_URL = re.compile(r"(?:javascript|vbscript|livescript|data(?!:image/(?:png|gif|jpe?g|webp)[;,])):", re.I)
+HTML_TAG = re.compile(r"""<(/?)([A-Za-z][\w:-]*)((?:[^>"']|"[^"]*"|'[^']*')*)>|<!--.*?-->""", re.S)
+HTML_ATTRIBUTE = re.compile(r"""([^\s"'>/=]+)(?:\s*=\s*("[^"]*"|'[^']*'|[^\s>]+))?""")
+
+BLOCK_QUOTE = re.compile(r" {0,3}> ?")
+LIST_ITEM = re.compile(r"( {0,3})(?:([-+*])|(\d{1,9})[.)])(?= |$)")
+FOOTNOTE = re.compile(r" {0,3}\[\^[^\]\s]+\]:")
+THEMATIC_BREAK = re.compile(r" {0,3}(?:(?:\*[ ]*){3,}|(?:-[ ]*){3,}|(?:_[ ]*){3,})$")
+FENCE = re.compile(r"( {0,3})(`{3,}(?!.*`)|~{3,})[ ]*([^\s`{]*)")
+MATH_FENCE = re.compile(r" {0,3}\$\$")
+ATX_HEADING = re.compile(r" {0,3}#{1,6}(?:[ ]|$)")
+TABLE_DELIMITER = re.compile(r" {0,3}\|?[ ]*:?-+:?[ ]*(?:\|[ ]*:?-+:?[ ]*)*\|?[ ]*$")
+HTML_BLOCK_TAGS = (
+    "address|article|aside|base|basefont|blockquote|body|caption|center|col|colgroup|dd|details|dialog|dir|"
+    "div|dl|dt|fieldset|figcaption|figure|footer|form|frame|frameset|h[1-6]|head|header|hr|html|iframe|legend|"
+    "li|link|main|menu|menuitem|nav|noframes|ol|optgroup|option|p|param|picture|search|section|summary|table|"
+    "tbody|td|tfoot|th|thead|title|tr|track|ul")
+HTML_BLOCK = re.compile(r" {0,3}<(?:(!--)|(pre)(?=[\s>]|$)|/?(?:%s)(?=[\s/>]|$))" % HTML_BLOCK_TAGS, re.I)
+HTML_LONE_TAG = re.compile(r""" {0,3}(?:<[A-Za-z][\w-]*(?:\s+[^\s"'>/=]+(?:\s*=\s*(?:"[^"]*"|'[^']*'|[^\s"'=<>`]+))?)*"""
+                           r"""\s*/?>|</[A-Za-z][\w-]*\s*>)[ ]*$""")
+
+
+def refuse_tags(text):
+    """Return text with refused tags turned to text (outside code spans), as GitHub does:
+    otherwise '#### What does the <script> tag do?' would hide the rest of the page."""
+    if "<" not in text:
+        return text
+    out, position = [], 0
+    for span in CODE_SPAN.finditer(text) if "`" in text else ():
+        out.append(REFUSED_TAG.sub(r"&lt;\1", text[position:span.start()]))
+        out.append(span.group(0))
+        position = span.end()
+    out.append(REFUSED_TAG.sub(r"&lt;\1", text[position:]))
+    return "".join(out)
+
+
+def is_punctuation(character):
+    return not (character.isalnum() or character.isspace())
+
+
+def safe_url(url):
+    """False for a URL that would run script when followed (javascript:, and friends)."""
+    cleaned = re.sub(r"[\x00-\x20\x7f]+", "", html.unescape(url))
+    return not DANGEROUS_URL.match(cleaned)
+
+
+def clean_html(fragment):
+    """Return raw HTML from a note with its tags kept but defused: refused tags become text,
+    event handlers and script URLs are dropped, and a '<' that starts no well-formed tag is
+    escaped, so that nothing can reach into the markup that follows."""
+    out, position = [], 0
+    for match in HTML_TAG.finditer(fragment):
+        out.append(fragment[position:match.start()].replace("<", "&lt;"))
+        position = match.end()
+        closing, name = match.group(1), match.group(2)
+        if name is None:  # a comment
+            out.append(match.group(0))
+        elif name.lower() in REFUSED_TAGS:
+            out.append("&lt;" + match.group(0)[1:])
+        elif closing:
+            out.append(f"</{name}>")
+        else:
+            attributes = []
+            for attribute in HTML_ATTRIBUTE.finditer(match.group(3)):
+                name_as_written, value = attribute.group(1), attribute.group(2)
+                key = name_as_written.lower()
+                value = value[1:-1] if value and value[0] in "\"'" else value
+                if key.startswith("on") or key == "srcdoc" or (key in URL_ATTRIBUTES and value and not safe_url(value)):
+                    continue
+                attributes.append(name_as_written if value is None else
+                                  f'{name_as_written}="{html.escape(html.unescape(value))}"')
+            end = "/>" if match.group(3).rstrip().endswith("/") else ">"
+            out.append(f"<{name}{''.join(' ' + a for a in attributes)}{end}")
+    out.append(fragment[position:].replace("<", "&lt;"))
+    return "".join(out)
+
+
+class Container:
+    """An open block quote or list item while GitHubBlocks reads a note."""
+    __slots__ = ("quote", "width", "marker", "depth", "started", "indent")
+
+    def __init__(self, quote, width=0, marker="", depth=0):
+        self.quote, self.width, self.marker, self.depth = quote, width, marker, depth
+        self.started, self.indent = False, 4 * (depth - 1) if depth else 0
+
+
+class GitHubBlocks(Preprocessor):
+    """CommonMark's block structure, rewritten into the form Python-Markdown reads.
+
+    GitHub nests list items by their content's column (2 spaces under "- ", 3 under "1. ")
+    where Python-Markdown wants 4; lets a list or a table start right under a paragraph
+    line; and allows fenced code anywhere, in list items and block quotes too.  So this
+    reads the containers (quotes, list items) as CommonMark does and writes them again:
+    markers 4 spaces a level, blank lines where Python-Markdown needs them.  Code blocks
+    (fenced and indented), $$ math and HTML blocks are taken out whole into the HTML stash,
+    so nothing inside them is read as markdown and their indentation cannot confuse it.
+    """
+
+    def run(self, lines):
+        self.out, self.stack, self.leaf, self.block_indent, self.quote_closed = [], [], None, 0, None
+        self.lines = lines
+        for number, line in enumerate(lines):
+            self.number = number
+            self.read(line)
+        self.close_leaf()
+        while self.out and not self.out[-1]:
+            self.out.pop()
+        return self.out + ["", ""]  # as Python-Markdown ends a document: one last block, closed
+
+    # -- reading --------------------------------------------------------------
+
+    def read(self, line):
+        matched, position = self.match_containers(line)
+        rest = line[position:]
+        if self.leaf is not None and self.leaf[0] == "fence":
+            if matched == len(self.stack):
+                return self.fence_line(rest)
+            self.close_leaf()
+        if self.leaf is not None and self.leaf[0] == "html":
+            if matched == len(self.stack) and rest.strip():
+                self.leaf[1].append(rest)
+                return self.end_html_if_done(rest)
+            self.close_leaf()
+        if matched < len(self.stack):
+            if self.leaf == ("paragraph",) and rest.strip() and not self.starts_block(rest):
+                return self.emit(rest.lstrip(), lazy=True)  # a lazy continuation line
+            self.close_containers(matched)
+        rest = self.open_containers(rest)
+        self.leaf_line(rest)
+
+    def match_containers(self, line):
+        """Return (how many open containers this line continues, where its content starts)."""
+        position = 0
+        for matched, container in enumerate(self.stack):
+            if container.quote:
+                mark = BLOCK_QUOTE.match(line, position)
+                if not mark:
+                    return matched, position
+                position = mark.end()
+            elif line[position:].strip():
+                indent = len(line) - position - len(line[position:].lstrip(" "))
+                if indent < container.width:
+                    return matched, position
+                position += container.width
+        return len(self.stack), position
+
+    def starts_block(self, rest):
+        """True when rest opens a block, so it cannot continue a paragraph lazily."""
+        return bool(BLOCK_QUOTE.match(rest) or self.list_item(rest, interrupting=True) or FENCE.match(rest)
+                    or ATX_HEADING.match(rest) or THEMATIC_BREAK.match(rest) or HTML_BLOCK.match(rest))
+
+    def list_item(self, rest, interrupting=False):
+        """Return (marker, width) when rest starts a list item (or a footnote), else None."""
+        if THEMATIC_BREAK.match(rest):
+            return None
+        item = LIST_ITEM.match(rest)
+        if item:
+            after = rest[item.end():]
+            empty = not after.strip()
+            if interrupting and (empty or (item.group(3) and int(item.group(3)) != 1)):
+                return None  # CommonMark: only "1." or a non-empty bullet item may interrupt a paragraph
+            spaces = len(after) - len(after.lstrip(" "))
+            width = item.end() + (1 if empty or spaces > 4 else spaces)
+            marker = (item.group(2) or item.group(3) + ".") + " "
+            return marker, width
+        footnote = FOOTNOTE.match(rest)
+        if footnote:
+            return footnote.group(0).strip() + " ", min(4, len(rest) - len(rest.lstrip(" ")) + 4)
+        return None
+
+    def open_containers(self, rest):
+        """Open the quotes and list items that rest starts with; return what is left of it."""
+        while True:
+            quote = BLOCK_QUOTE.match(rest)
+            if quote:
+                self.close_leaf()
+                if self.quote_closed == len(self.stack):  # two quotes apart stay apart (Python-Markdown
+                    self.stash("<!-- -->")                  # would join them into one)
+                self.stack.append(Container(True))
+                rest = rest[quote.end():]
+                continue
+            in_paragraph = self.leaf == ("paragraph",)
+            item = self.list_item(rest, interrupting=in_paragraph)
+            if item is None:
+                return rest
+            marker, width = item
+            if in_paragraph and not self.in_item():  # "Text:\n- a": GitHub makes a list of it
+                self.emit_blank()
+            self.close_leaf()
+            self.stack.append(Container(False, width, marker, self.item_depth() + 1))
+            rest = rest[width:] if len(rest) >= width else ""
+
+    def item_depth(self):
+        depth = 0
+        for container in reversed(self.stack):
+            if container.quote:
+                break
+            depth += 1
+        return depth
+
+    def in_item(self):
+        return bool(self.stack) and not self.stack[-1].quote
+
+    def leaf_line(self, rest):
+        """Read what is left of a line once its containers are known."""
+        if not rest.strip():
+            if self.leaf is not None and self.leaf[0] == "indented":
+                self.leaf[1].append("")
+                return
+            self.close_leaf()
+            return self.emit_blank()
+        fence = FENCE.match(rest)
+        if fence:
+            self.close_leaf()
+            self.leaf = ("fence", [], fence.group(2), len(fence.group(1)), fence.group(3))
+            return
+        if MATH_FENCE.match(rest) and not rest.strip()[2:].rstrip().endswith("$$"):
+            self.close_leaf()
+            self.leaf = ("math", [rest.strip()])
+            return
+        if self.leaf is not None and self.leaf[0] == "math":
+            self.leaf[1].append(rest)
+            if rest.rstrip().endswith("$$"):
+                self.close_leaf()
+            return
+        indent = len(rest) - len(rest.lstrip(" "))
+        if indent >= 4 and self.leaf != ("paragraph",):
+            if self.leaf is None or self.leaf[0] != "indented":
+                self.close_leaf()
+                self.leaf = ("indented", [])
+            self.leaf[1].append(rest[4:])
+            return
+        if self.leaf is not None and self.leaf[0] == "indented":
+            self.close_leaf()
+        html_block = HTML_BLOCK.match(rest)
+        if html_block or (self.leaf != ("paragraph",) and HTML_LONE_TAG.match(rest)):
+            self.close_leaf()
+            end = "-->" if html_block and html_block.group(1) else "</pre>" if html_block and html_block.group(2) else ""
+            self.leaf = ("html", [rest], end)
+            return self.end_html_if_done(rest)
+        if self.leaf == ("paragraph",) and self.table_starts(rest):
+            self.emit_blank()  # "Text\n| a | b |": GitHub makes a table of it
+        self.leaf = ("paragraph",)
+        self.emit(refuse_tags(rest.lstrip()))  # trailing spaces kept: two of them break the line
+
+    def table_starts(self, rest):
+        """True when rest is a table's header row: the next line is its delimiter row."""
+        if "|" not in rest or self.number + 1 >= len(self.lines):
+            return False
+        following = self.lines[self.number + 1]
+        _, position = self.match_containers(following)
+        delimiter = following[position:]
+        return bool(TABLE_DELIMITER.match(delimiter)) and \
+            delimiter.strip().strip("|").count("|") == rest.strip().strip("|").count("|")
+
+    def fence_line(self, rest):
+        kind, lines, fence, indent, info = self.leaf
+        stripped = rest.strip()
+        if stripped.startswith(fence[0] * len(fence)) and not stripped.strip(fence[0]) and \
+                len(rest) - len(rest.lstrip(" ")) < 4:
+            return self.close_leaf()
+        lines.append(rest[min(indent, len(rest) - len(rest.lstrip(" "))):])
+
+    def end_html_if_done(self, rest):
+        end = self.leaf[2]
+        if end and end in rest.lower() and (len(self.leaf[1]) > 1 or rest.lower().index(end) > 4):
+            self.close_leaf()
+
+    # -- writing --------------------------------------------------------------
+
+    def close_containers(self, keep):
+        self.close_leaf()
+        if any(container.quote for container in self.stack[keep:]):
+            self.quote_closed = keep
+        del self.stack[keep:]
+
+    def close_leaf(self):
+        """Finish the leaf block being read: code, math and HTML go to the stash."""
+        leaf, self.leaf = self.leaf, None
+        if leaf is None or leaf[0] == "paragraph":
+            return
+        kind, lines = leaf[0], leaf[1]
+        if kind == "indented":
+            while lines and not lines[-1].strip():
+                lines.pop()
+            self.stash(code_block("\n".join(lines), ""))
+            self.emit_blank()
+        elif kind == "fence":
+            self.stash(code_block("\n".join(lines), leaf[4]))
+        elif kind == "math":
+            self.stash(f'<div class="math">{html.escape(chr(10).join(lines))}</div>')
+        else:
+            self.stash(clean_html(refuse_tags("\n".join(lines))), block=not self.in_item())
+
+    def stash(self, html_text, block=True):
+        """Put HTML in the stash and its placeholder in the text, as a block of its own
+        (or, in a tight list item, on the item's line, as GitHub renders it)."""
+        placeholder = self.md.htmlStash.store(html_text)
+        tight = self.in_item() and self.out and self.out[-1].strip() not in ("", ">")
+        if not tight and block:
+            self.emit_blank()
+        self.emit(placeholder)
+        if not tight and block:
+            self.emit_blank()
+
+    def emit_blank(self):
+        """Write an empty line in the current containers (a quote keeps its '>')."""
+        quotes = sum(1 for c in self.stack if c.quote)
+        line = ">" * quotes
+        if self.out and self.out[-1] == line:
+            return
+        self.out.append(line)
+        for container in self.stack:
+            if not container.quote and container.started:
+                container.indent = 4 * container.depth  # what follows a blank line is a block of its own
+        self.block_indent = None
+
+    def emit(self, content, lazy=False):
+        """Write a line of content with the prefix Python-Markdown needs for its containers."""
+        prefix, indent = [], 0
+        for container in self.stack:
+            if container.quote:
+                prefix.append("> ")
+                indent = 0
+            elif not container.started:
+                container.started = True
+                indent = 4 * (container.depth - 1)
+                content = container.marker + content
+            else:
+                indent = container.indent
+        if self.block_indent is not None and indent < self.block_indent:
+            self.emit_blank()  # a block that began indented would take this line in
+        if self.block_indent is None:
+            self.block_indent = indent
+        self.quote_closed = None
+        self.out.append("".join(prefix) + " " * indent + content)
+
+
+def code_block(code, info):
+    """Return the HTML of a code block: coloured when Pygments is installed and the
+    language is given; mermaid and other diagrams stay readable source."""
+    language = info.split("{")[0].strip()
+    if HtmlFormatter and language:
+        return CodeHilite(code, lang=language, css_class="highlight", guess_lang=False).hilite()
+    css = f' class="language-{html.escape(language)}"' if language else ""
+    return f"<pre><code{css}>{html.escape(code)}\n</code></pre>"
+
+
+class SpacedHeadings(HashHeaderProcessor):
+    """'# Title' is a heading, '#tag' is not: GitHub wants a space after the hashes."""
+    RE = re.compile(r"(?:^|\n)(?P<level>#{1,6})(?P<header>(?:[ \t](?:\\.|[^\\#\n]|#+(?=[^#\n]))*?)?)"
+                    r"(?:[ \t]#+)?[ \t]*(?:\n|$)")
+
+
+class Strikethrough(InlineProcessor):
+    """~~struck~~ (and ~struck~) becomes <del>, with CommonMark's flanking rules, so that
+    "about ~3 MB (~15 s)" keeps its tildes."""
+
+    def handleMatch(self, match, data):
+        before, after = data[match.start() - 1:match.start()], data[match.end():match.end() + 1]
+        first, last = match.group(2)[0], match.group(2)[-1]
+        if (is_punctuation(first) and before and not (before.isspace() or is_punctuation(before))) or \
+                (is_punctuation(last) and after and not (after.isspace() or is_punctuation(after))):
+            return None, None, None
+        element = etree.Element("del")
+        element.text = match.group(2)
+        return element, match.start(0), match.end(0)
+
+
+class LiteralMath(InlineProcessor):
+    """$x$ and $$x$$ stay as written: no emphasis inside, no escapes taken away."""
+
+    def handleMatch(self, match, data):
+        element = etree.Element("span")
+        element.set("class", "math")
+        element.text = AtomicString(match.group(0))
+        return element, match.start(0), match.end(0)
+
 
 class WikiLinks(InlineProcessor):
     """[[Name]] and [[Name|label]] become placeholders, resolved per request: whether a
@@ -448,6 +849,188 @@ class WikiLinks(InlineProcessor):
         link.text = (match.group(2) or match.group(1)).strip()
         return link, match.start(0), match.end(0)
 
+
+class TaskLists(Treeprocessor):
+    """- [ ] and - [x] items get a checkbox (disabled: a page cannot save it back)."""
+    MARK = re.compile(r"\[([ xX])\][ \t]+")  # GitHub wants the space, even at the end of the line
+
+    def run(self, root):
+        for item in root.iter("li"):
+            holder = item[0] if len(item) and item[0].tag == "p" and not (item.text or "").strip() else item
+            mark = self.MARK.match(holder.text or "")
+            if not mark:
+                continue
+            box = etree.Element("input", {"type": "checkbox", "disabled": "disabled"})
+            if mark.group(1) != " ":
+                box.set("checked", "checked")
+            box.tail, holder.text = holder.text[mark.end():], None
+            holder.insert(0, box)
+            item.set("class", "task-list-item")
+
+
+CALLOUTS = {  # type: (colour, icon path in a 24x24 box); aliases below
+    "note": ("blue", "M12 20h9M16.5 3.5a2.1 2.1 0 0 1 3 3L7 19l-4 1 1-4Z"),
+    "abstract": ("cyan", "M9 2h6v4H9zM5 4h4M15 4h4v18H5V4M9 12h6M9 16h6"),
+    "info": ("blue", "M12 2a10 10 0 1 0 0 20 10 10 0 0 0 0-20ZM12 16v-4M12 8h0"),
+    "todo": ("blue", "M12 2a10 10 0 1 0 0 20 10 10 0 0 0 0-20ZM8 12l3 3 5-6"),
+    "tip": ("cyan", "M12 2c1 4 6 6 6 12a6 6 0 0 1-12 0c0-3 2-5 3-6 0 2 1 3 2 3 0-4-1-6 1-9Z"),
+    "success": ("green", "M20 6 9 17l-5-5"),
+    "question": ("orange", "M12 2a10 10 0 1 0 0 20 10 10 0 0 0 0-20ZM9 9a3 3 0 1 1 4 3c-1 .5-1 1-1 2M12 17h0"),
+    "warning": ("orange", "M12 3 2 20h20ZM12 9v5M12 17h0"),
+    "failure": ("red", "M18 6 6 18M6 6l12 12"),
+    "danger": ("red", "M13 2 3 14h9l-1 8 10-12h-9Z"),
+    "bug": ("red", "M8 8h8v8a4 4 0 0 1-8 0ZM9 4l2 3M15 4l-2 3M3 12h5M16 12h5M4 19l4-3M20 19l-4-3"),
+    "example": ("purple", "M8 6h13M8 12h13M8 18h13M3 6h0M3 12h0M3 18h0"),
+    "quote": ("gray", "M3 21c3 0 7-1 7-8V5H3v7h4c0 4-2 6-4 6ZM14 21c3 0 7-1 7-8V5h-7v7h4c0 4-2 6-4 6Z"),
+}
+CALLOUT_ALIASES = {"summary": "abstract", "tldr": "abstract", "hint": "tip", "important": "tip", "check": "success",
+                   "done": "success", "help": "question", "faq": "question", "caution": "warning",
+                   "attention": "warning", "fail": "failure", "missing": "failure", "error": "danger",
+                   "cite": "quote"}
+GITHUB_ALERTS = {"NOTE": "blue", "TIP": "green", "IMPORTANT": "purple", "WARNING": "orange", "CAUTION": "red"}
+
+
+class Callouts(Treeprocessor):
+    """> [!type] Title: a coloured box with an icon.  Obsidian's callouts (their types and
+    aliases; '-' starts folded, '+' open, in a <details>) and GitHub's alerts ([!NOTE],
+    [!TIP], [!IMPORTANT], [!WARNING], [!CAUTION], in GitHub's colours) are one construct."""
+    MARK = re.compile(r"[ \t]*\[!([\w-]+)\]([+-]?)[ \t]*(.*)")
+
+    def run(self, root):
+        for quote in list(root.iter("blockquote")):
+            first = quote[0] if len(quote) else None
+            mark = self.MARK.match(first.text or "") if first is not None and first.tag == "p" else None
+            if mark:
+                self.make_callout(quote, first, mark)
+
+    def make_callout(self, quote, first, mark):
+        name, fold, title = mark.group(1), mark.group(2), mark.group(3).partition("\n")[0].strip()
+        kind = CALLOUT_ALIASES.get(name.lower(), name.lower())
+        colour, icon = CALLOUTS.get(kind, CALLOUTS["note"])
+        if name in GITHUB_ALERTS and not fold:
+            colour = GITHUB_ALERTS[name]
+        quote.tag = "details" if fold else "div"
+        quote.set("class", f"callout callout-{colour}")
+        quote.set("data-callout", kind)
+        if fold == "+":
+            quote.set("open", "open")
+        heading = etree.Element("summary" if fold else "p", {"class": "callout-title"})
+        svg = (f'<svg class="callout-icon" viewBox="0 0 24 24" width="18" height="18" aria-hidden="true">'
+               f'<path d="{icon}"/></svg>')
+        heading.text = self.md.htmlStash.store(svg) + " " + (title or name.capitalize())
+        rest = (first.text or "").partition("\n")[2] if "\n" in (first.text or "") else ""
+        first.text = rest
+        if not rest.strip() and not len(first):
+            quote.remove(first)
+        quote.insert(0, heading)
+
+
+class BareLinks(Treeprocessor):
+    """https://… and www.… in text become links, trailing punctuation left out (GFM's
+    extended autolinks; the rules are the GFM spec's)."""
+    URL = re.compile(r"(?<![^\s*_~(])(?:https?://|www\.)[^\s<]+")  # at a line's start, or after a space or *_~(
+    EMAIL = re.compile(r"(?<![^\s*_~(])[\w.+-]+@[\w-]+(?:\.[\w-]+)+(?<![-_])\b")
+    SKIP = {"a", "code", "pre", "kbd", "script", "style", "span"}
+
+    def run(self, root):
+        self.linkify(root)
+
+    def linkify(self, element):
+        for child in list(element):
+            if child.tag not in self.SKIP:
+                self.linkify(child)
+            if child.tail and ("://" in child.tail or "www." in child.tail or "@" in child.tail):
+                self.split(element, child, child.tail, tail=True)
+        if element.tag not in self.SKIP and element.text and \
+                ("://" in element.text or "www." in element.text or "@" in element.text):
+            self.split(element, None, element.text, tail=False)
+
+    def split(self, parent, child, text, tail):
+        pieces, position, links = [], 0, []
+        for match in sorted(list(self.URL.finditer(text)) + list(self.EMAIL.finditer(text)), key=lambda m: m.start()):
+            if match.start() < position:
+                continue
+            url = trim_url(match.group(0))
+            if not url or (url.startswith("www.") and "." not in url[4:]):
+                continue
+            pieces.append(text[position:match.start()])
+            href = url if "://" in url else f"mailto:{url}" if "@" in url and "/" not in url else "http://" + url
+            link = etree.Element("a", {"href": href})
+            link.text = url
+            links.append(link)
+            position = match.start() + len(url)
+        if not links:
+            return
+        pieces.append(text[position:])
+        if tail:
+            child.tail = pieces[0]
+            index = list(parent).index(child) + 1
+        else:
+            parent.text = pieces[0]
+            index = 0
+        for offset, (link, after) in enumerate(zip(links, pieces[1:])):
+            link.tail = after
+            parent.insert(index + offset, link)
+
+
+def trim_url(url):
+    """Drop what GFM leaves out of an autolink's end: punctuation, an unmatched ')', an entity."""
+    while True:
+        before = url
+        url = url.rstrip("?!.,:*_~'\"")
+        if url.endswith(")") and url.count(")") > url.count("("):
+            url = url[:-1]
+        entity = re.search(r"&\w+;$", url)
+        if entity:
+            url = url[:entity.start()]
+        if url == before:
+            return url
+
+
+class SafeLinks(Treeprocessor):
+    """[x](javascript:…) and its kind lose their URL; the CSP is the second line of defence."""
+
+    def run(self, root):
+        for element in root.iter():
+            for attribute in ("href", "src"):
+                value = element.get(attribute)
+                if value is not None and not safe_url(value):
+                    del element.attrib[attribute]
+
+
+class SafeRawHtml(Postprocessor):
+    """Raw HTML that Python-Markdown took from the text inline (<kbd>, <img>, <br>) is defused
+    like the HTML blocks, just before it goes back into the page."""
+
+    def run(self, text):
+        stash = self.md.htmlStash
+        for number, fragment in enumerate(stash.rawHtmlBlocks):
+            if isinstance(fragment, str):
+                stash.rawHtmlBlocks[number] = clean_html(fragment)
+        return text
+
+
+class GitHubDialect(Extension):
+    """Registers the constructs above (GitHub's, and the Obsidian ones that share them)."""
+
+    def extendMarkdown(self, md):
+        md.preprocessors.register(GitHubBlocks(md), "github_blocks", 25)
+        md.preprocessors.deregister("html_block")  # HTML blocks are read above, as CommonMark reads them
+        md.parser.blockprocessors.register(SpacedHeadings(md.parser), "hashheader", 70)
+        md.inlinePatterns.register(SubstituteTagInlineProcessor(r"\\\n", "br"), "backslash_break", 185)
+        md.inlinePatterns.register(LiteralMath(r"(?<![\\$\w])\$\$?(?=[^\s$])(?:[^$\n]|\n(?!\n))+?(?<=[^\s\\])"
+                                               r"\$\$?(?![$\w])", md), "math", 186)
+        md.inlinePatterns.register(WikiLinks(WIKI_LINK, md), "wikilink", 175)
+        md.inlinePatterns.register(Strikethrough(r"(?<!~)(~~?)(?!~)(?=\S)(.+?)(?<=\S)(?<!~)\1(?!~)", md),
+                                   "strikethrough", 65)
+        md.treeprocessors.register(Callouts(md), "callouts", 30)
+        md.treeprocessors.register(TaskLists(md), "task_lists", 29)
+        md.treeprocessors.register(BareLinks(md), "bare_links", 15)
+        md.treeprocessors.register(SafeLinks(md), "safe_links", 14)
+        md.postprocessors.register(SafeRawHtml(md), "safe_raw_html", 35)
+
+
+# Rendering ###################################################################
 
 class TooSlow(BaseException):
     """Raised inside a computation that ran past its deadline (see Watchdog)."""
@@ -517,11 +1100,10 @@ def render_markdown(text):
     try:
         md = _renderers.get_nowait()
     except queue.Empty:
-        extensions = ["extra", "toc", "sane_lists"] + (["codehilite"] if HtmlFormatter else [])
+        # "extra" less fenced_code and md_in_html, whose work GitHubBlocks does as GitHub does it
+        extensions = ["abbr", "attr_list", "def_list", "footnotes", "tables", "toc", "sane_lists", GitHubDialect()]
         md = markdown.Markdown(extensions=extensions, extension_configs={
-            "toc": {"permalink": "#", "permalink_title": "Link to this section"},
-            "codehilite": {"css_class": "highlight", "guess_lang": False}})
-        md.inlinePatterns.register(WikiLinks(WIKI_LINK, md), "wikilink", 175)
+            "toc": {"permalink": "#", "permalink_title": "Link to this section"}})
     body, toc, stack, headings = md.reset().convert(text), md.toc, list(md.toc_tokens), 0
     _renderers.put(md)  # only a renderer that finished cleanly is used again
     while stack:
