@@ -60,7 +60,6 @@ except ImportError:  # --help and --version still work; serving says what to ins
 try:
     from markdown.blockprocessors import HashHeaderProcessor
     from markdown.extensions import Extension
-    from markdown.extensions.codehilite import CodeHilite
     from markdown.inlinepatterns import InlineProcessor, SubstituteTagInlineProcessor
     from markdown.postprocessors import Postprocessor
     from markdown.preprocessors import Preprocessor
@@ -68,10 +67,13 @@ try:
     from markdown.util import AtomicString
 except ImportError:  # no markdown, or one too old: main() says so before anything is built on these
     HashHeaderProcessor = Extension = InlineProcessor = Postprocessor = Preprocessor = Treeprocessor = object
-    CodeHilite = SubstituteTagInlineProcessor = AtomicString = None
+    SubstituteTagInlineProcessor = AtomicString = None
 
 try:  # Pygments is optional: code blocks are styled either way, coloured when it is there.
+    from pygments import highlight as pygments_highlight
     from pygments.formatters import HtmlFormatter
+    from pygments.lexers import get_lexer_by_name
+    from pygments.util import ClassNotFound
 except ImportError:
     HtmlFormatter = None
 
@@ -80,7 +82,8 @@ except ImportError:
 
 MIN_MARKDOWN = (3, 3)           # the oldest Python-Markdown tested (CI runs against it)
 NOTE_SUFFIXES = (".md", ".markdown")
-INDEX_NAMES = ("index.md", "README.md", "readme.md")
+INDEX_NAMES = ("index.md", "index.markdown")     # a folder with one of these shows that note alone
+README_NAMES = ("readme.md", "readme.markdown")  # any case: shown under the folder's listing, as GitHub does
 MAX_REQUEST_LINE = 8192
 MAX_HEADER_BYTES = 32 * 1024
 MAX_QUERY_WORDS = 1000          # characters in ?q=
@@ -98,7 +101,7 @@ QUIET_PERIOD = 1800.0           # each half hour without a lock-out halves the n
 LOCKOUT_STEPS = 1 + math.ceil(math.log2(LONGEST_LOCKOUT / FIRST_LOCKOUT))   # doublings to the longest
 KNOWN_METHODS = {"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 PASSWORD_LINE = re.compile(r"password:(.*)", re.IGNORECASE)
-HEADING = re.compile(r"#{1,6}[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*")
+HEADING = re.compile(r"#[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*")
 REFUSED_PATH = re.compile(r"(^|/)\.(?!/|$)|[\\\0]")   # a dot-name, '..', a backslash or a NUL
 HTTP_VERSION = re.compile(r"HTTP/\d\.\d")
 VALUE_END = re.compile(r"[&;\s]")
@@ -182,6 +185,7 @@ PAGE = """<!DOCTYPE html>
 """
 
 if HtmlFormatter:
+    CODE_FORMATTER = HtmlFormatter(cssclass="highlight", wrapcode=True)
     CODE_CSS = (HtmlFormatter(style="friendly").get_style_defs(".highlight")
                 + "@media (prefers-color-scheme:dark){"
                 + HtmlFormatter(style="monokai").get_style_defs(".highlight") + "}")
@@ -253,20 +257,48 @@ def split_front_matter(text):
     return text[4 + end.end():].lstrip("\n"), title and title.group(1)
 
 
+PLAIN_TEXT = (  # markdown markup and what it stands for in plain text, in this order
+    (re.compile(r"%%.*?%%|<!--.*?-->", re.S), " "),                          # comments
+    (re.compile(r"^[ \t]*(?:`{3,}|~{3,}).*$", re.M), " "),                   # code fences
+    (re.compile(r"!?\[\[([^\]|\n]*?)(?:\\?\|([^\]\n]*))?\]\]"), lambda m: m.group(2) or m.group(1)),  # wiki links
+    (re.compile(r"!?\[([^\]\n]*)\]\((?:[^()\s]|\([^()\s]*\))*(?:\s+\"[^\"]*\")?\)"), r"\1"),   # links, images
+    (re.compile(r"\[([^\]\n]*)\]\[[^\]\n]*\]"), r"\1"),                        # reference links
+    (re.compile(r"</?[A-Za-z][^>\n]*>"), " "),                               # tags
+    (re.compile(r"^[ \t]*(?:#{1,6}[ \t]+|(?:>[ \t]?)+(?:\[![\w-]+\][+-]?[ \t]*)?|[-*+][ \t]+(?:\[[ xX]\][ \t]+)?"
+                r"|\d+[.)][ \t]+|\[\^[^\]]+\]:[ \t]*)", re.M), ""),           # block markers
+    (re.compile(r"^[ \t]*\|?(?:[ \t]*:?-+:?[ \t]*\|)+[ \t]*:?-*:?[ \t]*$", re.M), " "),  # table rules
+    (re.compile(r"\{[#.:][^}\n]*\}|[ \t]\^[A-Za-z0-9-]+$", re.M), ""),       # attribute lists, block ids
+    (re.compile(r"(\*{1,3}|_{1,3}|~~|==|`+)(?=\S)(.*?\S)\1"), r"\2"),       # emphasis, struck, marked, code
+    (re.compile(r"[|]"), " "),                                                # table cells
+)
+
+
+def plain_text(markdown_text):
+    """Return markdown as the text a reader sees: links as their text, no markup."""
+    for pattern, replacement in PLAIN_TEXT:
+        markdown_text = pattern.sub(replacement, markdown_text)
+    return html.unescape(markdown_text)
+
+
 def first_heading(text):
-    """Return the plain text of the first heading outside code blocks, or None."""
-    fenced, previous = False, ""
+    """Return the plain text of the first level-1 heading outside code blocks, or None: a
+    note's title (its first '## Section' is not; that is how GitHub and Obsidian see it)."""
+    fence, previous = None, ""
     for line in text.split("\n", 400)[:400]:
         stripped = line.strip()
-        if stripped.startswith(("```", "~~~")):
-            fenced = not fenced
-        elif not fenced:
+        if fence:
+            fence = None if stripped.startswith(fence) and not stripped.strip(fence[0]) else fence
+        elif stripped.startswith(("```", "~~~")):
+            fence = stripped[:3]
+        elif not line.startswith("    "):
             match = HEADING.fullmatch(stripped)
-            if match and not line.startswith("    "):
-                return re.sub(r"[*`]|\[([^\]]*)\]\([^)]*\)|\{[#.][^}]*\}", r"\1", match.group(1)).strip()
-            if previous and re.fullmatch(r"=+|-+", stripped):
-                return previous
-        previous = stripped if not fenced else ""
+            if match:
+                return plain_text(match.group(1)).strip() or None
+            if previous and re.fullmatch(r"=+", stripped):
+                return plain_text(previous).strip() or None
+            previous = stripped if stripped and not re.match(r"[-*+>#|]|\d+[.)]", stripped) else ""
+            continue
+        previous = ""
     return None
 
 
@@ -559,6 +591,7 @@ class GitHubBlocks(Preprocessor):
     """
 
     def run(self, lines):
+        self.md.safe_stash = set()  # stash entries that need no cleaning (see SafeRawHtml)
         self.out, self.stack, self.leaf, self.block_indent, self.quote_closed = [], [], None, 0, None
         self.lines = lines
         for number, line in enumerate(lines):
@@ -757,6 +790,7 @@ class GitHubBlocks(Preprocessor):
     def stash(self, html_text, block=True):
         """Put HTML in the stash and its placeholder in the text, as a block of its own
         (or, in a tight list item, on the item's line, as GitHub renders it)."""
+        self.md.safe_stash.add(self.md.htmlStash.html_counter)
         placeholder = self.md.htmlStash.store(html_text)
         tight = self.in_item() and self.out and self.out[-1].strip() not in ("", ">")
         if not tight and block:
@@ -798,12 +832,22 @@ class GitHubBlocks(Preprocessor):
         self.out.append("".join(prefix) + " " * indent + content)
 
 
+@functools.lru_cache(maxsize=256)
+def lexer_for(language):
+    """Return Pygments' lexer for a language name, or None (one per name: they keep no state)."""
+    try:
+        return get_lexer_by_name(language)
+    except (ClassNotFound, ValueError):
+        return None
+
+
 def code_block(code, info):
     """Return the HTML of a code block: coloured when Pygments is installed and the
     language is given; mermaid and other diagrams stay readable source."""
     language = info.split("{")[0].strip()
-    if HtmlFormatter and language:
-        return CodeHilite(code, lang=language, css_class="highlight", guess_lang=False).hilite()
+    lexer = HtmlFormatter and language and lexer_for(language.lower())
+    if lexer:
+        return pygments_highlight(code, lexer, CODE_FORMATTER)
     css = f' class="language-{html.escape(language)}"' if language else ""
     return f"<pre><code{css}>{html.escape(code)}\n</code></pre>"
 
@@ -917,6 +961,7 @@ class Callouts(Treeprocessor):
         heading = etree.Element("summary" if fold else "p", {"class": "callout-title"})
         svg = (f'<svg class="callout-icon" viewBox="0 0 24 24" width="18" height="18" aria-hidden="true">'
                f'<path d="{icon}"/></svg>')
+        self.md.safe_stash.add(self.md.htmlStash.html_counter)
         heading.text = self.md.htmlStash.store(svg) + " " + (title or name.capitalize())
         rest = (first.text or "").partition("\n")[2] if "\n" in (first.text or "") else ""
         first.text = rest
@@ -1000,13 +1045,16 @@ class SafeLinks(Treeprocessor):
 
 class SafeRawHtml(Postprocessor):
     """Raw HTML that Python-Markdown took from the text inline (<kbd>, <img>, <br>) is defused
-    like the HTML blocks, just before it goes back into the page."""
+    like the HTML blocks, just before it goes back into the page.  What mdserve stashed
+    itself is safe already (md.safe_stash); the toc extension runs postprocessors once per
+    heading, so each fragment is cleaned once and remembered."""
 
     def run(self, text):
-        stash = self.md.htmlStash
-        for number, fragment in enumerate(stash.rawHtmlBlocks):
-            if isinstance(fragment, str):
-                stash.rawHtmlBlocks[number] = clean_html(fragment)
+        stash, safe = self.md.htmlStash, self.md.safe_stash
+        for number in range(len(stash.rawHtmlBlocks)):
+            if number not in safe and isinstance(stash.rawHtmlBlocks[number], str):
+                stash.rawHtmlBlocks[number] = clean_html(stash.rawHtmlBlocks[number])
+                safe.add(number)
         return text
 
 
@@ -1145,12 +1193,20 @@ def highlight(text, words):
 
 
 def snippet(text, words, width=90):
-    """Return an escaped, highlighted excerpt of text around the first of words it holds."""
+    """Return an escaped, highlighted excerpt of text, as plain text (no markup, a link as
+    its text), around the first of words it holds."""
     lowered = text.casefold()
     found = [i for i in (lowered.find(w.casefold()) for w in words) if i >= 0]
+    at = min(found) if found else 0
+    begin = text.rfind("\n", 0, max(0, at - 300)) + 1    # whole lines, so no construct is cut in two
+    end = text.find("\n", at + 600)
+    plain = " ".join(plain_text(text[begin:end if end >= 0 else len(text)]).split())
+    lowered = plain.casefold()
+    found = [i for i in (lowered.find(w.casefold()) for w in words) if i >= 0]
     start = max(0, min(found) - width // 3) if found else 0
-    excerpt = " ".join(text[start:start + width * 2].split())
-    return ("…" if start else "") + highlight(excerpt, words) + ("…" if start + width * 2 < len(text) else "")
+    excerpt = plain[start:start + width * 2]
+    more = start + width * 2 < len(plain) or end >= 0
+    return ("…" if start or begin else "") + highlight(excerpt, words) + ("…" if more else "")
 
 
 # Caches and index ############################################################
@@ -1913,7 +1969,7 @@ class NoteHandler(BaseHTTPRequestHandler):
         etag = f'W/"{note.mtime_ns:x}-{note.size:x}-{server.salt}"'
         body = server.cache.get(cache_key) if cacheable else None
         if body is None:
-            article = WIKI_PLACEHOLDER.sub(lambda m: self.wiki_link(m, rel), article)
+            article = self.links_resolved(article, rel)
             folder = rel.rpartition("/")[0]
             body = self.page(f"{note.title} · {self.folder_name(folder)}", article + self.footer(note, rel),
                              folder, etag=etag)
@@ -1921,6 +1977,16 @@ class NoteHandler(BaseHTTPRequestHandler):
                 server.cache.put(cache_key, body, len(body))
         self.send_content(body, "text/html; charset=utf-8", etag, note.mtime_ns, note.password is not None,
                           gzip_key=cache_key + ("gzip",) if cacheable else None)
+
+    def article_html(self, real, note):
+        """Return a note's article as this request sees it (used under a folder's listing)."""
+        rel = relative(self.server.root, real)
+        note, article = self.article(real, rel, note)
+        return self.links_resolved(article, rel) if may_open(note.password, self.key) else ""
+
+    def links_resolved(self, article, rel):
+        """Return article with its wiki-link placeholders made into links for this request."""
+        return WIKI_PLACEHOLDER.sub(lambda m: self.wiki_link(m, rel), article) if "data-wiki=" in article else article
 
     def article(self, real, rel, note):
         """Return (the Note as rendered, its article HTML): one render per version of a note,
@@ -2010,6 +2076,7 @@ class NoteHandler(BaseHTTPRequestHandler):
         folders, notes = [], []
         with os.scandir(real) as entries:
             entries = sorted(entries, key=lambda e: e.name.casefold())
+        readme = None
         for entry in entries:
             try:
                 target, status = inspect(root, entry.path, self.server.forbidden)
@@ -2020,6 +2087,8 @@ class NoteHandler(BaseHTTPRequestHandler):
                     note = index.note(relative(root, entry.path), target, status)
                     if may_open(note.password, self.key):
                         notes.append((note.title.casefold(), entry.name, note))
+                        if entry.name.lower() in README_NAMES and readme is None:
+                            readme = (target, note)
             except OSError:  # vanished or unreadable since scandir: leave it out
                 continue
         key = self.key_query()
@@ -2034,7 +2103,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         folder = relative(root, real)
         title = self.folder_name(folder)
         empty = "" if folders or notes else "<p>No notes here yet.</p>"
-        main = f'<h1>{html.escape(title)}</h1><ul class="list">{"".join(rows)}</ul>{empty}'
+        below = f'<section class="readme">{self.article_html(*readme)}</section>' if readme else ""
+        main = f'<h1>{html.escape(title)}</h1><ul class="list">{"".join(rows)}</ul>{empty}{below}'
         page_title = f"{title} · {self.folder_name('')}" if folder else title
         self.send_generated(self.page(page_title, main, folder))
 

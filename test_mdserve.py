@@ -294,10 +294,13 @@ def test_markdown_extensions_render(serve):
     assert "<dl>" in text and "<abbr" in text
 
 
-def test_title_is_first_heading_else_file_name(serve):
+def test_title_is_front_matter_else_first_level_1_heading_else_file_name(serve):
     client = serve({"a.md": "intro\n\n## Second level first\n", "b-name.md": "no heading\n",
-                    "c.md": "```\n# not a heading\n```\n# Real\n"})
-    assert "<title>Second level first · notes</title>" in client.get("/a").text
+                    "c.md": "```\n# not a heading\n```\n#tag\n\n## Sub\n\n# Real\n",
+                    "d.md": "---\ntitle: From front matter\n---\n# Heading\n", "e.md": "Setext *title*\n===\n"})
+    assert "<title>a · notes</title>" in client.get("/a").text   # a level-2 heading is not a title
+    assert "<title>From front matter · notes</title>" in client.get("/d").text
+    assert "<title>Setext title · notes</title>" in client.get("/e").text
     assert "<title>b-name · notes</title>" in client.get("/b-name").text
     assert "<title>Real · notes</title>" in client.get("/c").text
 
@@ -645,7 +648,7 @@ def test_search_ranks_title_matches_first_with_highlighted_snippets(serve):
     main = main_of(response)
     assert response.status == 200
     assert main.index("b.md") < main.index("a.md") and "c.md" not in main
-    assert "<mark>kiwi</mark>" in main and "&lt;b&gt;here&lt;/b&gt;" in main and "<b>here</b>" not in main
+    assert "<mark>kiwi</mark> appears here in the body" in main and "<b>here</b>" not in main and "&lt;b" not in main
 
 
 def test_search_is_scoped_to_its_folder(serve):
