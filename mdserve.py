@@ -160,6 +160,19 @@ th,td{border:1px solid var(--line);padding:.35em .75em}tr:nth-child(2n) td{backg
 img,video{max-width:100%;height:auto}hr{border:0;border-top:1px solid var(--line);margin:2em 0}
 blockquote{margin:1em 0;padding:0 1em;color:var(--muted);border-left:.25em solid var(--line)}
 mark{background:var(--mark);color:inherit;border-radius:2px}
+.task-list-item{list-style:none}.task-list-item>input,.task-list-item>p>input{margin:0 .45em .15em -1.35em;vertical-align:middle}
+.callout{--c:9,105,218;border-left:4px solid rgb(var(--c));background:rgba(var(--c),.09);border-radius:6px;
+padding:.3rem 1rem;margin:1em 0}.callout>:last-child{margin-bottom:.5rem}
+.callout-title{display:flex;gap:.45rem;align-items:center;font-weight:600;color:rgb(var(--c));margin:.35rem 0}
+summary.callout-title{cursor:pointer}.callout-icon{flex:none;fill:none;stroke:currentColor;stroke-width:2;
+stroke-linecap:round;stroke-linejoin:round}
+.callout-blue{--c:9,105,218}.callout-cyan{--c:0,138,138}.callout-green{--c:26,127,55}.callout-purple{--c:130,80,223}
+.callout-orange{--c:176,98,0}.callout-red{--c:207,34,46}.callout-gray{--c:101,109,118}
+@media (prefers-color-scheme:dark){.callout-blue{--c:88,166,255}.callout-cyan{--c:57,197,207}
+.callout-green{--c:63,185,80}.callout-purple{--c:171,125,248}.callout-orange{--c:219,155,48}
+.callout-red{--c:248,81,73}.callout-gray{--c:145,152,161}}
+del{color:var(--muted)}div.math{white-space:pre-wrap;overflow-x:auto;margin:1em 0}
+.readme{margin-top:2rem;border-top:1px solid var(--line)}
 .contents{background:var(--soft);border:1px solid var(--line);border-radius:8px;padding:.4rem 1rem;
 margin:1rem 0;font-size:.92rem}.contents ul{margin:.2rem 0;padding-left:1.1rem}.contents summary{cursor:pointer}
 .list{list-style:none;padding:0}.list li{padding:.5rem 0;border-bottom:1px solid var(--line)}
@@ -597,7 +610,7 @@ class GitHubBlocks(Preprocessor):
         for number, line in enumerate(lines):
             self.number = number
             self.read(line)
-        self.close_leaf()
+        self.close_containers(0)
         while self.out and not self.out[-1]:
             self.out.pop()
         return self.out + ["", ""]  # as Python-Markdown ends a document: one last block, closed
@@ -640,12 +653,14 @@ class GitHubBlocks(Preprocessor):
         return len(self.stack), position
 
     def starts_block(self, rest):
-        """True when rest opens a block, so it cannot continue a paragraph lazily."""
-        return bool(BLOCK_QUOTE.match(rest) or self.list_item(rest, interrupting=True) or FENCE.match(rest)
+        """True when rest opens a block, so it cannot continue a paragraph lazily.  (Any list
+        item does: the paragraph it would interrupt is in a container this line leaves.)"""
+        return bool(BLOCK_QUOTE.match(rest) or self.list_item(rest) or FENCE.match(rest)
                     or ATX_HEADING.match(rest) or THEMATIC_BREAK.match(rest) or HTML_BLOCK.match(rest))
 
     def list_item(self, rest, interrupting=False):
-        """Return (marker, width) when rest starts a list item (or a footnote), else None."""
+        """Return (marker, width, length of its first line's marker) when rest starts a list
+        item or a footnote, else None.  Later lines of the item are indented by width."""
         if THEMATIC_BREAK.match(rest):
             return None
         item = LIST_ITEM.match(rest)
@@ -657,10 +672,11 @@ class GitHubBlocks(Preprocessor):
             spaces = len(after) - len(after.lstrip(" "))
             width = item.end() + (1 if empty or spaces > 4 else spaces)
             marker = (item.group(2) or item.group(3) + ".") + " "
-            return marker, width
-        footnote = FOOTNOTE.match(rest)
+            return marker, width, width
+        footnote = FOOTNOTE.match(rest)  # its later lines are indented by 4, whatever its label's length
         if footnote:
-            return footnote.group(0).strip() + " ", min(4, len(rest) - len(rest.lstrip(" ")) + 4)
+            after = rest[footnote.end():]
+            return footnote.group(0).strip() + " ", 4, footnote.end() + len(after) - len(after.lstrip(" "))
         return None
 
     def open_containers(self, rest):
@@ -678,12 +694,12 @@ class GitHubBlocks(Preprocessor):
             item = self.list_item(rest, interrupting=in_paragraph)
             if item is None:
                 return rest
-            marker, width = item
+            marker, width, consumed = item
             if in_paragraph and not self.in_item():  # "Text:\n- a": GitHub makes a list of it
                 self.emit_blank()
             self.close_leaf()
             self.stack.append(Container(False, width, marker, self.item_depth() + 1))
-            rest = rest[width:] if len(rest) >= width else ""
+            rest = rest[consumed:]
 
     def item_depth(self):
         depth = 0
@@ -709,14 +725,14 @@ class GitHubBlocks(Preprocessor):
             self.close_leaf()
             self.leaf = ("fence", [], fence.group(2), len(fence.group(1)), fence.group(3))
             return
-        if MATH_FENCE.match(rest) and not rest.strip()[2:].rstrip().endswith("$$"):
-            self.close_leaf()
-            self.leaf = ("math", [rest.strip()])
-            return
         if self.leaf is not None and self.leaf[0] == "math":
             self.leaf[1].append(rest)
             if rest.rstrip().endswith("$$"):
                 self.close_leaf()
+            return
+        if MATH_FENCE.match(rest) and not rest.strip()[2:].rstrip().endswith("$$"):
+            self.close_leaf()
+            self.leaf = ("math", [rest.strip()])
             return
         indent = len(rest) - len(rest.lstrip(" "))
         if indent >= 4 and self.leaf != ("paragraph",):
@@ -768,6 +784,9 @@ class GitHubBlocks(Preprocessor):
         if any(container.quote for container in self.stack[keep:]):
             self.quote_closed = keep
         del self.stack[keep:]
+        quotes = ">" * sum(1 for container in self.stack if container.quote)
+        if self.out and self.out[-1].startswith(">") and not self.out[-1].strip(">") and self.out[-1] != quotes:
+            self.out[-1] = quotes  # the closed quote's last line was blank: it is not the quote's any more
 
     def close_leaf(self):
         """Finish the leaf block being read: code, math and HTML go to the stash."""
@@ -973,7 +992,7 @@ class Callouts(Treeprocessor):
 class BareLinks(Treeprocessor):
     """https://… and www.… in text become links, trailing punctuation left out (GFM's
     extended autolinks; the rules are the GFM spec's)."""
-    URL = re.compile(r"(?<![^\s*_~(])(?:https?://|www\.)[^\s<]+")  # at a line's start, or after a space or *_~(
+    URL = re.compile(r"(?<![^\s*_~(])(?:https?://|www\.)[^\s<\x02\x03]+")  # at a line's start, or after a space or *_~(
     EMAIL = re.compile(r"(?<![^\s*_~(])[\w.+-]+@[\w-]+(?:\.[\w-]+)+(?<![-_])\b")
     SKIP = {"a", "code", "pre", "kbd", "script", "style", "span"}
 

@@ -2,6 +2,8 @@
 
 import gzip
 import hashlib
+import html
+import html.parser
 import http.client
 import io
 import os
@@ -1807,3 +1809,167 @@ def test_windows_choices():
     here = mdserve.Platform("linux")
     assert not here.exclusive_bind and here.reparse_points == 0
     assert here.sendmsg == hasattr(socket.socket, "sendmsg")
+
+
+# Notes as GitHub shows them ####################################################
+
+def flat(html_text):
+    """HTML without the line breaks and permalink anchors that do not change what a reader sees."""
+    html_text = re.sub(r'<a class="headerlink"[^>]*>#</a>', "", html_text)
+    return re.sub(r">\s+<", "><", html_text.replace("\n", " ")).strip()
+
+
+GITHUB_CASES = [  # (markdown, fragments the page must hold, fragments it must not)
+    ("- [x] done\n- [ ] todo\n", ['<li class="task-list-item"><input checked="checked" disabled="disabled" '
+                                  'type="checkbox" />done</li>',
+                                  '<li class="task-list-item"><input disabled="disabled" type="checkbox" />todo</li>'],
+     ["[x]", "[ ]"]),
+    ("- [ ] \n  - [x] nested task\n", ['type="checkbox" />nested task'], ["[x]"]),
+    ("- a\n  - b\n- c\n", ["<ul><li>a<ul><li>b</li></ul></li><li>c</li></ul>"], []),
+    ("- a\n  1. x\n  2. y\n", ["<ul><li>a<ol><li>x</li><li>y</li></ol></li></ul>"], []),
+    ("1. a\n   1. x\n2. b\n", ["<ol><li>a<ol><li>x</li></ol></li><li>b</li></ol>"], []),
+    ("- a\n    - b\n- c\n", ["<ul><li>a<ul><li>b</li></ul></li><li>c</li></ul>"], []),
+    ("1. a\n  1. b\n", ["<ol><li>a</li><li>b</li></ol>"], []),   # 2 spaces is not enough under "1."
+    ("- a\n\n  - b\n- c\n", ["<li><p>a</p><ul><li>b</li></ul></li><li><p>c</p></li>"], []),
+    ("- item\n\n  ```\n  <b>bold?</b>\n  ```\n- next\n", ["<li><p>item</p>", "&lt;b&gt;bold?&lt;/b&gt;", "next"],
+     ["<b>bold?</b>", "```"]),
+    ("1. step\n\n    ```\n    code here\n    ```\n", ["<li><p>step</p>", "<pre><code>code here"], ["```"]),
+    ("- item\n  ```\n  tight code\n  ```\n", ["<li>item", "<pre><code>tight code"], ["```"]),
+    ("> ```\n> <b>quoted</b>\n> ```\n", ["<blockquote><pre><code>&lt;b&gt;quoted&lt;/b&gt;"], ["<b>quoted</b>"]),
+    ("Text:\n- a\n- b\n", ["<p>Text:</p><ul><li>a</li><li>b</li></ul>"], ["- a"]),
+    ("The year was\n1984. A novel\n", ["<p>The year was 1984. A novel</p>"], ["<ol"]),
+    ("Text\n| a | b |\n|---|---|\n| 1 | 2 |\n", ["<p>Text</p><table><thead><tr><th>a</th><th>b</th></tr></thead>"
+                                            "<tbody><tr><td>1</td><td>2</td></tr></tbody></table>"], ["|"]),
+    ("| foo | bar |\n| --- | --- |\n| baz | bim |\n", ["<th>foo</th><th>bar</th>", "<td>baz</td><td>bim</td>"], []),
+    ("#### What does the <script> tag do?\n\nThe rest stays.\n",
+     ["<h4", "&lt;script&gt; tag do?", "<p>The rest stays.</p>"], ["<script"]),
+    ("<style>body{display:none}</style>\n\nvisible\n", ["&lt;style&gt;", "visible"], ["<style"]),
+    ("an <iframe src=x></iframe> here\n", ["&lt;iframe"], ["<iframe"]),
+    ("~~gone~~ and ~one~\n", ["<del>gone</del> and <del>one</del>"], ["~"]),
+    ("about ~3 MB (~15 s)\n", ["about ~3 MB (~15 s)"], ["<del>"]),
+    ("see https://example.org/x. ok\n", ['<a href="https://example.org/x">https://example.org/x</a>. ok'], []),
+    ("visit www.commonmark.org/help.\n", ['<a href="http://www.commonmark.org/help">www.commonmark.org/help</a>.'], []),
+    ("(https://en.wikipedia.org/wiki/Foo_(bar))\n",
+     ['<a href="https://en.wikipedia.org/wiki/Foo_(bar)">https://en.wikipedia.org/wiki/Foo_(bar)</a>)'], []),
+    ("www.google.com/search?q=commonmark&hl;\n", ['href="http://www.google.com/search?q=commonmark"'], ["hl;\""]),
+    ("mail foo@bar.example.org.\n", ['<a href="mailto:foo@bar.example.org">foo@bar.example.org</a>.'], []),
+    ("[a link](https://example.org) and `https://in.code`\n",
+     ['<a href="https://example.org">a link</a>', "<code>https://in.code</code>"], ['href="https://in.code']),
+    ("#Title\n\n#tag and text\n", ["<p>#Title</p>", "<p>#tag and text</p>"], ["<h1"]),
+    ("# Real title\n", ['<h1 id="real-title">Real title</h1>'], []),
+    ("line\\\nnext\n", ["line<br /> next"], ["\\"]),
+    ("two spaces  \nbreak\n", ["two spaces<br /> break"], []),
+    ("para\n\n    indented code\n", ["<pre><code>indented code"], []),
+    ("$a*b*c$ and $$x_1*y_2$$\n", ['<span class="math">$a*b*c$</span>', '<span class="math">$$x_1*y_2$$</span>'],
+     ["<em>"]),
+    ("$$\na_1 * b_2 * c\n$$\n", ['<div class="math">$$ a_1 * b_2 * c $$</div>'], ["<em>"]),
+    ("costs $5 and $10\n", ["costs $5 and $10"], ["math"]),
+    ("<details><summary>More</summary>\n\n- inside\n\n</details>\n",
+     ["<details><summary>More</summary><ul><li>inside</li></ul></details>"], ["<p></details>"]),
+    ("Press <kbd>Ctrl</kbd>, H<sub>2</sub>O, x<sup>2</sup><br>\n\n<img src=\"pic.png\" width=\"50\">\n",
+     ["<kbd>Ctrl</kbd>", "<sub>2</sub>", "<sup>2</sup>", "<br>", '<img src="pic.png" width="50">'], ["&lt;kbd"]),
+    ("> quote one\n\n> quote two\n", ["<blockquote><p>quote one</p></blockquote>",
+                                       "<blockquote><p>quote two</p></blockquote>"], []),
+    ("> [!NOTE]\n> Useful.\n", ['<div class="callout callout-blue" data-callout="note">', "Note</p><p>Useful.</p>"],
+     ["[!NOTE]", "<blockquote"]),
+    ("> [!TIP]\n> x\n", ['callout-green" data-callout="tip"', "Tip</p>"], ["[!TIP]"]),
+    ("> [!IMPORTANT]\n> x\n", ['callout-purple', "Important</p>"], ["[!IMPORTANT]"]),
+    ("> [!WARNING]\n> x\n", ['callout-orange" data-callout="warning"', "Warning</p>"], ["[!WARNING]"]),
+    ("> [!CAUTION]\n> x\n", ['callout-red', "Caution</p>"], ["[!CAUTION]"]),
+]
+
+
+@pytest.mark.parametrize("markdown_text,present,absent", GITHUB_CASES,
+                         ids=[c[0][:30].replace("\n", "/") for c in GITHUB_CASES])
+def test_notes_read_as_on_github(serve, markdown_text, present, absent):
+    client = serve({"n.md": markdown_text})
+    response = client.get("/n.md")
+    assert response.status == 200
+    article = flat(response.text.split("<article>", 1)[1].split("</article>", 1)[0])
+    for fragment in present:
+        assert fragment in article, (fragment, article)
+    for fragment in absent:
+        assert fragment not in article, (fragment, article)
+
+
+def tags_and_attributes(markup):
+    """Return [(tag, attribute name, value)] as html.parser reads markup (a tag with no attributes: name '')."""
+    found = []
+
+    class Reader(html.parser.HTMLParser):
+        def handle_starttag(self, tag, attrs):
+            found.extend((tag, name, value) for name, value in attrs or [("", None)])
+    Reader().feed(markup)
+    return found
+
+
+SANITIZER_CASES = [
+    '<a href="javascript:alert(1)">x</a>', '<a href="JaVaScRiPt:alert(1)">x</a>', '<a href="jav&#x09;ascript:alert(1)">x</a>',
+    '<a href=" &#106;avascript:alert(1)">x</a>', "<a href='vbscript:msgbox(1)'>x</a>", '[x](javascript:alert(1))',
+    '[x](JAVASCRIPT:alert(1) "t")', '<img src=x onerror=alert(1)>', '<div onclick="alert(1)" ONMOUSEOVER=alert(1)>t</div>',
+    '<svg onload=alert(1)><circle r="1"/></svg>', '<a href="data:text/html,<script>alert(1)</script>">x</a>',
+    '<details open ontoggle=alert(1)><summary>s</summary></details>', '<object data="x.swf"></object>',
+    '<embed src="x.swf">', '<base href="http://evil.example/">', '<meta http-equiv="refresh" content="0;url=x">',
+    '<link rel="stylesheet" href="x.css">', '<form action="http://evil.example"><button>go</button></form>',
+    '<frame src=x>', '<noscript><p title="</noscript><img src=x onerror=alert(1)>"></noscript>',
+    '<iframe srcdoc="<script>alert(1)</script>"></iframe>', '<SCRIPT>alert(1)</SCRIPT>', '<img src="x" onerror="alert(1)"',
+    '<a href="&#x6A;avascript:alert(1)">x</a>',
+]
+
+
+@pytest.mark.parametrize("markdown_text", SANITIZER_CASES)
+def test_raw_html_is_kept_but_defused(serve, markdown_text):
+    client = serve({"n.md": f"before\n\n{markdown_text}\n\nafter\n"})
+    response = client.get("/n.md")
+    article = response.text.split("<article>", 1)[1].split("</article>", 1)[0]
+    assert response.status == 200 and "before" in article and "after" in article
+    for tag, name, value in tags_and_attributes(article):   # as a browser would parse them
+        assert tag not in ("script", "object", "embed", "base", "meta", "link", "form", "frame", "noscript", "iframe")
+        assert not name.startswith("on") and name != "srcdoc", (tag, name)
+        url = re.sub(r"[\x00-\x20]", "", value or "").lower()
+        assert not url.startswith(("javascript:", "vbscript:", "data:text")), (tag, name, value)
+
+
+def test_images_keep_data_urls_and_links_keep_their_targets(serve):
+    client = serve({"n.md": '<img src="data:image/png;base64,iVBORw0KGgo=" alt="dot">\n\n[ok](other.md) '
+                            '<a href="https://example.org/a?b=1&amp;c=2" title="t">x</a>\n'})
+    article = client.get("/n.md").text
+    assert 'src="data:image/png;base64,iVBORw0KGgo="' in article and 'href="other.md"' in article
+    assert 'href="https://example.org/a?b=1&amp;c=2"' in article
+
+
+def test_search_snippets_are_plain_text_and_names_are_searchable(serve):
+    client = serve({"postgres/indexes.md": "# B-trees\n\nSee **[the manual](https://postgresql.org/docs)** and "
+                                           "[[Other note|the other one]] about `index` pages.\n\n| a | b |\n|--|--|\n",
+                    "mysql/tuning.md": "# Tuning\n\nnothing about the word\n"})
+    client.settle()
+    main = main_of(client.get("/?q=postgres+index"))
+    assert "postgres/indexes.md" in main and "mysql" not in main
+    snippet = main.split("<p>", 1)[1].split("</p>", 1)[0]
+    assert "and the other one about <mark>index</mark> pages." in snippet
+    assert "https://" not in snippet and "**" not in snippet and "[[" not in snippet and "|" not in snippet
+
+
+def test_a_folder_readme_shows_under_its_listing_and_index_md_alone(serve):
+    client = serve({"proj/README.md": "# The project\n\nRead me, [[a]].\n", "proj/a.md": "# Alpha\n",
+                    "proj/sub/b.md": "# Beta\n", "site/index.md": "# Site home\n", "site/c.md": "# Gamma\n",
+                    "secret/README.md": "password: k\n# Hidden readme\n\nSECRET-README\n", "secret/d.md": "# Delta\n"})
+    page = main_of(client.get("/proj/"))
+    assert page.index('href="sub/"') < page.index("Alpha") < page.index('<section class="readme">')
+    assert "Read me" in page and 'href="/proj/a.md"' in page
+    site = main_of(client.get("/site/"))
+    assert "Site home" in site and "Gamma" not in site
+    hidden = client.get("/secret/")
+    assert "Delta" in main_of(hidden) and "SECRET-README" not in hidden.text and "Hidden readme" not in hidden.text
+    opened = main_of(client.get("/secret/?access_key=k"))
+    assert "SECRET-README" in opened and "Delta" in opened
+
+
+@needs_browser
+def test_browser_shows_the_whole_note_after_a_script_tag_in_a_heading(serve):
+    client = serve({"quiz.md": "# Quiz\n\n#### What does the <script> tag do?\n\n- [x] runs code\n\n"
+                               + "".join(f"## Question {n}\n\nAnswer {n}.\n\n" for n in range(40))
+                               + "The very last line.\n"})
+    dom = chromium_dom(f"http://127.0.0.1:{client.port}/quiz.md")
+    assert "What does the &lt;script&gt; tag do?" in dom and "Answer 39." in dom and "The very last line." in dom
+    assert 'type="checkbox"' in dom
