@@ -35,6 +35,7 @@ import ipaddress
 import math
 import mimetypes
 import os
+import posixpath
 import queue
 import re
 import shutil
@@ -64,10 +65,11 @@ try:
     from markdown.postprocessors import Postprocessor
     from markdown.preprocessors import Preprocessor
     from markdown.treeprocessors import Treeprocessor
+    from markdown.extensions.toc import slugify_unicode
     from markdown.util import AtomicString
 except ImportError:  # no markdown, or one too old: main() says so before anything is built on these
     HashHeaderProcessor = Extension = InlineProcessor = Postprocessor = Preprocessor = Treeprocessor = object
-    SubstituteTagInlineProcessor = AtomicString = None
+    SubstituteTagInlineProcessor = AtomicString = slugify_unicode = None
 
 try:  # Pygments is optional: code blocks are styled either way, coloured when it is there.
     from pygments import highlight as pygments_highlight
@@ -106,8 +108,10 @@ REFUSED_PATH = re.compile(r"(^|/)\.(?!/|$)|[\\\0]")   # a dot-name, '..', a back
 HTTP_VERSION = re.compile(r"HTTP/\d\.\d")
 VALUE_END = re.compile(r"[&;\s]")
 KEY_IN_LOG = re.compile(r"([?&;])([^=&;\s]*)=([^&;\s]*)")
-WIKI_LINK = r"\[\[([^\]|\n]+)(?:\|([^\]\n]+))?\]\]"
-WIKI_PLACEHOLDER = re.compile(r'<a data-wiki="([^"]*)">(.*?)</a>', re.S)
+# [[target#anchor|label]]; in a table the bar is written \| (Obsidian's rule), so a '\' before it is no name's
+WIKI_LINK = r"(!?)\[\[([^\[\]|\n]*?)\\?(?:\|([^\[\]\n]*))?\]\]"  # no [ inside: linear on "[[[[…"
+WIKI_PLACEHOLDER = re.compile(r'(<p>)?<a ((?:data-(?:embed|text|wiki)="[^"]*" ?)+)>(.*?)</a>(</p>)?', re.S)
+TAG = r"(?<![^\s(\[])#([\w][\w/-]*)"
 CONTROL_CHARS = str.maketrans({c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))})
 
 # Polls its own URL (key included) with the ETag it was served with; reloads when that changes.
@@ -244,13 +248,15 @@ PLATFORM = Platform(os.environ.get("MDSERVE_PLATFORM") or sys.platform)
 # Notes #######################################################################
 
 class Note:
-    """A note's text less its password line, with what listings need to know of it.
-    row is its row in the text index (0 while this version is not indexed)."""
-    __slots__ = ("title", "password", "text", "mtime_ns", "size", "too_large", "row", "racy")
+    """A note's text less its password line, with what listings need to know of it: its
+    front matter's aliases and tags, and its row in the text index (0 while this version
+    is not indexed)."""
+    __slots__ = ("title", "password", "text", "mtime_ns", "size", "too_large", "row", "racy", "aliases", "tags")
 
-    def __init__(self, title, password, text, mtime_ns, size, too_large=False, row=0):
+    def __init__(self, title, password, text, mtime_ns, size, too_large=False, row=0, aliases=(), tags=()):
         self.title, self.password, self.text = title, password, text
         self.mtime_ns, self.size, self.too_large, self.row, self.racy = mtime_ns, size, too_large, row, False
+        self.aliases, self.tags = aliases, tags
 
 
 def password_of(first_line):
@@ -260,23 +266,45 @@ def password_of(first_line):
 
 
 def split_front_matter(text):
-    """Return (text without a leading YAML front matter block, its title or None)."""
+    """Return (text without a leading YAML front matter block, {field: value}) for the fields
+    mdserve reads: title, and aliases and tags as lists (inline, comma-separated or one item
+    a line; Obsidian's older 'alias' and 'tag' too)."""
     if not text.startswith("---\n"):
-        return text, None
+        return text, {}
     end = re.search(r"^(?:---|\.\.\.)[ \t]*$", text[4:], re.M)
     if not end or text[4:4 + end.start()].count("\n") > 200:
-        return text, None
-    title = re.search(r"^title:[ \t]*['\"]?(.+?)['\"]?[ \t]*$", text[4:4 + end.start()], re.M)
-    return text[4 + end.end():].lstrip("\n"), title and title.group(1)
+        return text, {}
+    fields, key = {}, None
+    for line in text[4:4 + end.start()].split("\n"):
+        item = re.match(r"[ \t]*-[ \t]+(.+)", line)
+        if item and key in ("aliases", "tags"):
+            fields[key].append(unquoted(item.group(1)))
+            continue
+        pair = re.match(r"([A-Za-z_][\w-]*):[ \t]*(.*)", line)
+        key = {"alias": "aliases", "tag": "tags"}.get(pair.group(1).lower(), pair.group(1).lower()) if pair else None
+        if key in ("aliases", "tags"):
+            value = pair.group(2).strip().strip("[]")
+            fields.setdefault(key, []).extend(
+                unquoted(v) for v in re.split(r",|\s+(?=#)" if key == "tags" else ",", value) if v.strip())
+        elif key == "title" and pair.group(2).strip():
+            fields["title"] = unquoted(pair.group(2))
+    if "tags" in fields:
+        fields["tags"] = [t.lstrip("#") for tag in fields["tags"] for t in tag.split() if t.lstrip("#")]
+    return text[4 + end.end():].lstrip("\n"), fields
+
+
+def unquoted(value):
+    value = value.strip()
+    return value[1:-1] if len(value) > 1 and value[0] == value[-1] and value[0] in "'\"" else value
 
 
 PLAIN_TEXT = (  # markdown markup and what it stands for in plain text, in this order
     (re.compile(r"%%.*?%%|<!--.*?-->", re.S), " "),                          # comments
     (re.compile(r"^[ \t]*(?:`{3,}|~{3,}).*$", re.M), " "),                   # code fences
-    (re.compile(r"!?\[\[([^\]|\n]*?)(?:\\?\|([^\]\n]*))?\]\]"), lambda m: m.group(2) or m.group(1)),  # wiki links
-    (re.compile(r"!?\[([^\]\n]*)\]\((?:[^()\s]|\([^()\s]*\))*(?:\s+\"[^\"]*\")?\)"), r"\1"),   # links, images
-    (re.compile(r"\[([^\]\n]*)\]\[[^\]\n]*\]"), r"\1"),                        # reference links
-    (re.compile(r"</?[A-Za-z][^>\n]*>"), " "),                               # tags
+    (re.compile(r"!?\[\[([^\[\]|\n]*?)(?:\\?\|([^\[\]\n]*))?\]\]"), lambda m: m.group(2) or m.group(1)),  # wiki links
+    (re.compile(r"!?\[([^\[\]\n]*)\]\((?:[^()\s]|\([^()\s]*\))*(?:\s+\"[^\"]*\")?\)"), r"\1"),  # links, images
+    (re.compile(r"\[([^\[\]\n]*)\]\[[^\[\]\n]*\]"), r"\1"),                        # reference links
+    (re.compile(r"</?[A-Za-z][^<>\n]{0,2000}>"), " "),                       # tags
     (re.compile(r"^[ \t]*(?:#{1,6}[ \t]+|(?:>[ \t]?)+(?:\[![\w-]+\][+-]?[ \t]*)?|[-*+][ \t]+(?:\[[ xX]\][ \t]+)?"
                 r"|\d+[.)][ \t]+|\[\^[^\]]+\]:[ \t]*)", re.M), ""),           # block markers
     (re.compile(r"^[ \t]*\|?(?:[ \t]*:?-+:?[ \t]*\|)+[ \t]*:?-*:?[ \t]*$", re.M), " "),  # table rules
@@ -344,10 +372,11 @@ def read_note(path, limit):
     text = text[1:] if text.startswith("\ufeff") else text
     first, _, rest = text.partition("\n")
     password = password_of(first)
-    body, title = split_front_matter(text if password is None else rest)
+    body, fields = split_front_matter(text if password is None else rest)
     name = readable(os.path.splitext(os.path.basename(path))[0])
-    return Note(title or first_heading(body) or name, password, body,
-                status.st_mtime_ns, status.st_size, status.st_size > limit)
+    return Note(fields.get("title") or first_heading(body) or name, password, body,
+                status.st_mtime_ns, status.st_size, status.st_size > limit,
+                aliases=tuple(fields.get("aliases", ())), tags=tuple(fields.get("tags", ())))
 
 
 def racy(mtime_ns):
@@ -451,8 +480,9 @@ def is_link(entry):
                 & getattr(entry.stat(follow_symlinks=False), "st_file_attributes", 0))
 
 
-def note_files(root, folder, forbidden=frozenset()):
-    """Yield (relative path, real path, stat) for each note under folder.
+def note_files(root, folder, forbidden=frozenset(), others=None):
+    """Yield (relative path, real path, stat) for each note under folder; when others is a
+    list, add the relative paths of the other files to it (attachments, for wiki links).
 
     Iterative, so very deep trees cannot exhaust the stack; linked folders are not
     entered, so link loops cannot trap it, and linked notes count only when they lead to a
@@ -476,6 +506,8 @@ def note_files(root, folder, forbidden=frozenset()):
                     real, status = inspect(root, entry.path, forbidden) if linked else (entry.path, entry.stat())
                     if status and stat.S_ISREG(status.st_mode) and not is_forbidden(status, forbidden):
                         yield relative(root, entry.path), real, status
+                elif others is not None and not linked:
+                    others.append(relative(root, entry.path))
             except OSError:
                 continue
 
@@ -502,11 +534,12 @@ def is_utf8(name):
 REFUSED_TAGS = ("script", "style", "iframe", "object", "embed", "base", "meta", "link", "form", "frame",
                 "frameset", "noscript", "title", "textarea", "xmp", "noembed", "noframes", "plaintext")
 REFUSED_TAG = re.compile(r"<(/?(?:%s))(?=[\s/>]|$)" % "|".join(REFUSED_TAGS), re.I)
-CODE_SPAN = re.compile(r"(`+)(?!`).*?(?<!`)\1(?!`)")
+CODE_SPAN = re.compile(r"(`+)(?!`)[^\n]{0,2000}?(?<!`)\1(?!`)")  # bounded: linear on a line of backticks
 URL_ATTRIBUTES = {"href", "src", "action", "formaction", "xlink:href", "background", "poster", "cite", "data",
                   "codebase", "longdesc", "lowsrc", "dynsrc", "ping", "srcset", "usemap", "manifest"}
 DANGEROUS_URL = re.compile(r"(?:javascript|vbscript|livescript|data(?!:image/(?:png|gif|jpe?g|webp)[;,])):", re.I)
-HTML_TAG = re.compile(r"""<(/?)([A-Za-z][\w:-]*)((?:[^>"']|"[^"]*"|'[^']*')*)>|<!--.*?-->""", re.S)
+HTML_TAG = re.compile(r"""<(/?)([A-Za-z][\w:-]*)((?:[^<>"']|"[^<"]*"|'[^<']*')*)>|<!--.*?-->""", re.S)  # no '<' inside:
+# linear on "<a <a <a …" (one regex call is one C call: the render watchdog cannot stop it midway)
 HTML_ATTRIBUTE = re.compile(r"""([^\s"'>/=]+)(?:\s*=\s*("[^"]*"|'[^']*'|[^\s>]+))?""")
 
 BLOCK_QUOTE = re.compile(r" {0,3}> ?")
@@ -605,6 +638,7 @@ class GitHubBlocks(Preprocessor):
 
     def run(self, lines):
         self.md.safe_stash = set()  # stash entries that need no cleaning (see SafeRawHtml)
+        self.in_comment = False
         self.out, self.stack, self.leaf, self.block_indent, self.quote_closed = [], [], None, 0, None
         self.lines = lines
         for number, line in enumerate(lines):
@@ -618,6 +652,10 @@ class GitHubBlocks(Preprocessor):
     # -- reading --------------------------------------------------------------
 
     def read(self, line):
+        if self.leaf is None or self.leaf[0] != "fence":
+            line = self.uncommented(line)
+            if line is None:
+                return
         matched, position = self.match_containers(line)
         rest = line[position:]
         if self.leaf is not None and self.leaf[0] == "fence":
@@ -635,6 +673,26 @@ class GitHubBlocks(Preprocessor):
             self.close_containers(matched)
         rest = self.open_containers(rest)
         self.leaf_line(rest)
+
+    def uncommented(self, line):
+        """Return line without Obsidian's %%comments%% (which may span lines), or None when
+        nothing of it is left to read.  A %% inside `code` is text."""
+        original, kept = line, []
+        while True:
+            mark = comment_mark(line)
+            if self.in_comment:
+                if mark < 0:
+                    line = ""
+                    break
+                line, self.in_comment = line[mark + 2:], False
+            elif mark < 0:
+                kept.append(line)
+                break
+            else:
+                kept.append(line[:mark])
+                line, self.in_comment = line[mark + 2:], True
+        line = "".join(kept)
+        return None if line != original and not line.strip() else line
 
     def match_containers(self, line):
         """Return (how many open containers this line continues, where its content starts)."""
@@ -860,6 +918,17 @@ def lexer_for(language):
         return None
 
 
+def comment_mark(line):
+    """Return where the first %% outside a code span is in line, or -1."""
+    position = 0
+    for span in CODE_SPAN.finditer(line) if "`" in line else ():
+        found = line.find("%%", position, span.start())
+        if found >= 0:
+            return found
+        position = span.end()
+    return line.find("%%", position)
+
+
 def code_block(code, info):
     """Return the HTML of a code block: coloured when Pygments is installed and the
     language is given; mermaid and other diagrams stay readable source."""
@@ -880,6 +949,7 @@ class SpacedHeadings(HashHeaderProcessor):
 class Strikethrough(InlineProcessor):
     """~~struck~~ (and ~struck~) becomes <del>, with CommonMark's flanking rules, so that
     "about ~3 MB (~15 s)" keeps its tildes."""
+    TAG = "del"
 
     def handleMatch(self, match, data):
         before, after = data[match.start() - 1:match.start()], data[match.end():match.end() + 1]
@@ -887,7 +957,7 @@ class Strikethrough(InlineProcessor):
         if (is_punctuation(first) and before and not (before.isspace() or is_punctuation(before))) or \
                 (is_punctuation(last) and after and not (after.isspace() or is_punctuation(after))):
             return None, None, None
-        element = etree.Element("del")
+        element = etree.Element(self.TAG)
         element.text = match.group(2)
         return element, match.start(0), match.end(0)
 
@@ -903,14 +973,78 @@ class LiteralMath(InlineProcessor):
 
 
 class WikiLinks(InlineProcessor):
-    """[[Name]] and [[Name|label]] become placeholders, resolved per request: whether a
-    private target may be linked depends on the request's key, not on the cached HTML."""
+    """[[Note]], [[Note|label]], [[Note#Heading]], [[Note#^block]], [[#Heading]] and their
+    embeds, ![[Note]], ![[image.png|300]], become placeholders, resolved per request (see
+    Linker): whether a private note may be linked or included depends on the request's key,
+    not on the cached HTML.  The label stays markdown: [[x|**bold**]] is bold."""
 
     def handleMatch(self, match, data):
+        embed, target, label = match.group(1), match.group(2).strip(), match.group(3)
+        if not target or target.startswith(("$", " ")):
+            return None, None, None  # [[ $a == $b ]] is no link: left as it is written
         link = etree.Element("a")
-        link.set("data-wiki", match.group(1).strip())
-        link.text = (match.group(2) or match.group(1)).strip()
+        link.set("data-wiki", target)
+        link.set("data-text", match.group(0))
+        if embed:
+            link.set("data-embed", (label or "").strip())
+        elif label is not None and label.strip():
+            link.text = label.strip()
         return link, match.start(0), match.end(0)
+
+
+class Highlights(Strikethrough):
+    """==marked== becomes <mark>, with the same flanking rules as ~~struck~~."""
+    TAG = "mark"
+
+
+class Tags(InlineProcessor):
+    """#tag and #nested/tag become links to a search for that tag ('#1984' is no tag: a tag
+    needs a character that is not a digit)."""
+    ANCESTOR_EXCLUDES = ("a",)
+
+    def handleMatch(self, match, data):
+        tag = match.group(1).rstrip("/-")
+        if not tag or tag.replace("/", "").replace("-", "").isdigit():
+            return None, None, None
+        link = etree.Element("a", {"class": "tag", "href": "/?q=" + urllib.parse.quote("#" + tag)})
+        link.text = "#" + tag
+        return link, match.start(0), match.start(0) + 1 + len(tag)
+
+
+class BlockIds(Treeprocessor):
+    """A '^block-id' at the end of a paragraph or list item becomes its anchor, unseen; on a
+    line of its own after a list, table or quote it names that block (Obsidian's rule)."""
+    MARK = re.compile(r"(?:^|[ \t])\^([A-Za-z0-9-]+)[ \t]*$")
+
+    def run(self, root):
+        for parent in list(root.iter()):
+            previous = None
+            for element in list(parent):
+                if element.tag in ("p", "li", "td", "th", "h1", "h2", "h3", "h4", "h5", "h6") and element.text \
+                        and not len(element):
+                    mark = self.MARK.search(element.text)
+                    if mark and not element.text[:mark.start()].strip() and previous is not None:
+                        previous.set("id", "^" + mark.group(1))  # the id alone on its line: the block before it
+                        parent.remove(element)
+                        continue
+                    if mark:
+                        element.set("id", "^" + mark.group(1))
+                        element.text = element.text[:mark.start()]
+                previous = element
+
+
+class ImageSizes(Treeprocessor):
+    """![alt|300](src) and ![300x200](src) size an image, as in Obsidian."""
+    SIZE = re.compile(r"(?:(.*)\|)?(\d+)(?:x(\d+))?")
+
+    def run(self, root):
+        for image in root.iter("img"):
+            size = self.SIZE.fullmatch(image.get("alt", "").strip())
+            if size:
+                image.set("alt", (size.group(1) or "").strip())
+                image.set("width", size.group(2))
+                if size.group(3):
+                    image.set("height", size.group(3))
 
 
 class TaskLists(Treeprocessor):
@@ -1087,11 +1221,15 @@ class GitHubDialect(Extension):
         md.inlinePatterns.register(SubstituteTagInlineProcessor(r"\\\n", "br"), "backslash_break", 185)
         md.inlinePatterns.register(LiteralMath(r"(?<![\\$\w])\$\$?(?=[^\s$])(?:[^$\n]|\n(?!\n))+?(?<=[^\s\\])"
                                                r"\$\$?(?![$\w])", md), "math", 186)
-        md.inlinePatterns.register(WikiLinks(WIKI_LINK, md), "wikilink", 175)
+        md.inlinePatterns.register(WikiLinks(WIKI_LINK, md), "wikilink", 183)  # before \| is unescaped
+        md.inlinePatterns.register(Tags(TAG, md), "tag", 105)  # after links: no tag inside a link's text
         md.inlinePatterns.register(Strikethrough(r"(?<!~)(~~?)(?!~)(?=\S)(.+?)(?<=\S)(?<!~)\1(?!~)", md),
                                    "strikethrough", 65)
+        md.inlinePatterns.register(Highlights(r"(?<!=)(==)(?!=)(?=\S)(.+?)(?<=\S)(?<!=)\1(?!=)", md), "highlight", 64)
         md.treeprocessors.register(Callouts(md), "callouts", 30)
         md.treeprocessors.register(TaskLists(md), "task_lists", 29)
+        md.treeprocessors.register(BlockIds(md), "block_ids", 28)
+        md.treeprocessors.register(ImageSizes(md), "image_sizes", 16)
         md.treeprocessors.register(BareLinks(md), "bare_links", 15)
         md.treeprocessors.register(SafeLinks(md), "safe_links", 14)
         md.postprocessors.register(SafeRawHtml(md), "safe_raw_html", 35)
@@ -1169,8 +1307,8 @@ def render_markdown(text):
     except queue.Empty:
         # "extra" less fenced_code and md_in_html, whose work GitHubBlocks does as GitHub does it
         extensions = ["abbr", "attr_list", "def_list", "footnotes", "tables", "toc", "sane_lists", GitHubDialect()]
-        md = markdown.Markdown(extensions=extensions, extension_configs={
-            "toc": {"permalink": "#", "permalink_title": "Link to this section"}})
+        md = markdown.Markdown(extensions=extensions, extension_configs={  # unicode ids: links to headings in
+            "toc": {"permalink": "#", "permalink_title": "Link to this section", "slugify": slugify_unicode}})  # any script
     body, toc, stack, headings = md.reset().convert(text), md.toc, list(md.toc_tokens), 0
     _renderers.put(md)  # only a renderer that finished cleanly is used again
     while stack:
@@ -1179,6 +1317,150 @@ def render_markdown(text):
     opened = " open" if headings <= 12 else ""  # a long contents list starts folded, out of the text's way
     contents = f'<details class="contents"{opened}><summary>Contents</summary>{toc}</details>'
     return body, (contents if headings >= 3 else "")
+
+
+EMBED_DEPTH = 3        # a note embedded in a note embedded in a note, and no deeper
+IMAGE_FILES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg", ".bmp", ".avif", ".ico")
+AUDIO_FILES = (".mp3", ".wav", ".ogg", ".oga", ".m4a", ".flac", ".opus")
+VIDEO_FILES = (".mp4", ".webm", ".ogv", ".mov", ".mkv")
+SIZE = re.compile(r"(\d+)(?:x(\d+))?")
+
+
+class Linker:
+    """Makes an article's wiki-link and embed placeholders into links, images and included
+    notes for one request.  Whether a private note may be linked or included depends on the
+    request's key, so this is done per request, never in the cached HTML.  A private note
+    that the request's key does not open is drawn as a missing one; including one counts
+    against the key, as asking for it would."""
+
+    def __init__(self, handler):
+        self.handler, self.index, self.key = handler, handler.server.index, handler.key
+
+    def resolve(self, article, rel, depth=0, seen=()):
+        """Return article with every placeholder in it made real, as seen from the note rel."""
+        if "data-wiki=" not in article:
+            return article
+        return WIKI_PLACEHOLDER.sub(lambda match: self.replace(match, rel, depth, seen + (rel,)), article)
+
+    def replace(self, match, rel, depth, seen):
+        attributes = dict(re.findall(r'(data-\w+)="([^"]*)"', match.group(2)))
+        name, _, anchor = html.unescape(attributes["data-wiki"]).partition("#")
+        found = self.lookup(name, rel)
+        if "data-embed" in attributes:
+            made, block = self.embed(found, anchor, html.unescape(attributes["data-embed"]), attributes["data-text"],
+                                     depth, seen)
+        else:
+            made, block = self.link(found, name, anchor, match.group(3), attributes["data-text"]), False
+        if block and match.group(1) and match.group(4):
+            return made  # an included note is a block of its own, not the text of a paragraph
+        return (match.group(1) or "") + made + (match.group(4) or "")
+
+    def lookup(self, name, rel):
+        """Return (relative path, real path, kind, Note or None) of what a link names, or None."""
+        handler = self.handler
+        target = self.index.find(name, rel.rpartition("/")[0]) if name.strip() else rel
+        if target is None:
+            return None
+        try:  # as the file is now, not as last indexed
+            kind, real, status = locate(handler.server.root, quote_url("/" + target), handler.server.forbidden)
+        except HTTPError:
+            return None
+        return target, real, kind, handler.note(real, status) if kind == "note" else None
+
+    def link(self, found, name, anchor, label, written):
+        """Return the HTML of a wiki link: a link to the note (and heading or block), or the
+        link's text as written, marked as broken."""
+        if found is None or (found[3] is not None and not may_open(found[3].password, self.key)):
+            return f'<span class="broken" title="No note named {html.escape(name)}">{written}</span>'
+        target, _, _, note = found
+        key = self.handler.key_query() if note is not None and note.password is not None else ""
+        href = ("" if not name.strip() else "/" + quote_url(target) + key) + fragment(anchor)
+        shown = " > ".join(part for part in [name.strip()] + anchor.split("#") if part)
+        return f'<a class="wikilink" href="{html.escape(href)}">{label or html.escape(shown)}</a>'
+
+    def embed(self, found, anchor, option, written, depth, seen):
+        """Return (HTML, is it a block) for an embed: an image, a player, a link to another
+        kind of file, or the note (or its heading's section, or its block) included."""
+        if found is None:
+            return f'<span class="broken" title="Nothing to embed by that name">{written}</span>', False
+        target, real, kind, note = found
+        source = html.escape("/" + quote_url(target))
+        if kind == "file":
+            return media(source, target, option), False
+        if note is not None and not may_open(note.password, self.key):
+            if self.key is not None:
+                self.handler.refused = True  # including a private note is asking for it
+            return f'<span class="broken" title="Nothing to embed by that name">{written}</span>', False
+        key = self.handler.key_query() if note is not None and note.password is not None else ""
+        title = f'<a href="{source}{html.escape(key + fragment(anchor))}">{html.escape(note.title)}</a>'
+        if depth >= EMBED_DEPTH or target in seen:  # deep enough, or a loop: a link instead
+            return f'<p class="embed-title">{title}</p>', True
+        note, article = self.handler.article(real, target, note)
+        body = section(article_body(article), anchor)
+        body = self.resolve(body, target, depth + 1, seen)
+        return f'<div class="embed"><p class="embed-title">{title}</p>{body}</div>', True
+
+
+def fragment(anchor):
+    """Return the #fragment of a page for a wiki link's anchor: a heading's id, as the toc
+    extension makes it, or a block's ^id."""
+    last = anchor.split("#")[-1].strip()
+    if not last:
+        return ""
+    return "#" + (last if last.startswith("^") else slugify_unicode(plain_text(last), "-"))
+
+
+def media(source, target, option):
+    """Return the element that shows an embedded file: <img>, <audio>, <video> or a link."""
+    size = SIZE.fullmatch(option.strip())
+    dimensions = "" if not size else f' width="{size.group(1)}"' + (f' height="{size.group(2)}"' if size.group(2)
+                                                                    else "")
+    name = html.escape(readable(target.rpartition("/")[2]))
+    suffix = os.path.splitext(target)[1].lower()
+    if suffix in IMAGE_FILES:
+        alt = html.escape(option.strip()) if option.strip() and not size else name
+        return f'<img src="{source}" alt="{alt}"{dimensions}>'
+    if suffix in AUDIO_FILES:
+        return f'<audio controls src="{source}"></audio>'
+    if suffix in VIDEO_FILES:
+        return f'<video controls src="{source}"{dimensions}></video>'
+    return f'<a class="attachment" href="{source}">{name}</a>'
+
+
+def article_body(article):
+    """Return a rendered article without its <article> wrapper and table of contents."""
+    body = article[len("<article>"):-len("</article>")] if article.startswith("<article>") else article
+    return re.sub(r'^<details class="contents".*?</details>', "", body, count=1, flags=re.S)
+
+
+def section(body, anchor):
+    """Return the part of a rendered note that anchor names: a heading and what follows it up
+    to the next heading of its level or higher, or the block with that ^id; all of it when
+    there is no anchor or nothing by that name."""
+    last = anchor.split("#")[-1].strip()
+    if not last:
+        return body
+    wanted = last if last.startswith("^") else slugify_unicode(plain_text(last), "-")
+    start = body.find(f' id="{html.escape(wanted)}"')
+    start = body.rfind("<", 0, start) if start >= 0 else -1
+    if start < 0:
+        return body
+    tag = re.match(r"<(\w+)", body[start:]).group(1)
+    if re.fullmatch(r"h[1-6]", tag):
+        level = int(tag[1])
+        end = re.compile(r"<h[1-%d][ >]" % level).search(body, start + 1)
+        return body[start:end.start() if end else len(body)]
+    return body[start:element_end(body, start, tag)]
+
+
+def element_end(markup, start, tag):
+    """Return where the element that starts at start ends (our own rendered HTML)."""
+    depth, tags = 0, re.compile(r"<(/?)%s[\s>/]" % tag)
+    for match in tags.finditer(markup, start):
+        depth += -1 if match.group(1) else 1
+        if depth == 0:
+            return markup.find(">", match.start()) + 1
+    return len(markup)
 
 
 def quote_url(path):
@@ -1321,29 +1603,33 @@ def index_fields(rel):
 
 class NoteIndex:
     """Everything known of the notes without reading them again: titles, privacy, the names
-    wiki links use, and a full-text index for search.
+    wiki links use, links between notes (for backlinks), tags, and a full-text index.
 
     One background thread, the indexer, walks the folder at start-up and then again and
     again at a bounded rate; a request never walks or indexes.  Requests that read a note
     keep what they learn (title, privacy) in memory, where listings find it.
 
-    The text index is SQLite FTS5 in a temporary file, in WAL mode, so searches read on
-    connections of their own while the indexer writes, and no lock is held while they run.
-    Its two tables hold no copy of the text (contentless), and private notes are in the
-    second one: a search without a key never reads the index of private text, so its time
-    cannot depend on it.  A contentless row cannot be deleted, so a changed note gets a new
-    row, and the notes table says which rows are current; the index is built afresh once
-    the dead rows outnumber the live ones.
+    The index is SQLite in a temporary file, in WAL mode, so requests read on connections of
+    their own while the indexer writes, and no lock is held while they run.  The text is in
+    FTS5 tables that hold no copy of it (contentless), and private notes are in the second
+    one, as their links and tags are in rows marked with their opener: a request without a
+    key never reads what private notes hold, so its time cannot depend on it.  A
+    contentless row cannot be deleted, so a changed note gets a new row, and the notes table
+    says which rows are current; the index is built afresh once the dead rows outnumber the
+    live ones.  Without FTS5 (some Python builds) search reads the files instead.
     """
 
     def __init__(self, root, note_limit, forbidden=(), fts=True):
         self.root, self.note_limit, self.forbidden = root, note_limit, forbidden
         self.notes = {}                                    # relative path -> Note without its text
         self.stems = collections.defaultdict(set)          # file name less suffix, casefolded -> paths
+        self.aliases = collections.defaultdict(set)        # front matter alias, casefolded -> paths
+        self.files = collections.defaultdict(set)          # other files (attachments) by name, casefolded
         self.folders = collections.defaultdict(collections.Counter)  # folder -> its notes, by who may open them
         self.openers = collections.Counter()               # opener digest -> notes it opens
         self.secret = os.urandom(32)
         self.lock = threading.Lock()                       # for changes to the maps above
+        self.generation = 0                                # changes whenever any note does (pages cache by it)
         self.total = self.done = self.dead = 0
         self.next_row = 1
         self.complete, self.stopped, self.nudge = threading.Event(), threading.Event(), threading.Event()
@@ -1352,10 +1638,8 @@ class NoteIndex:
         self.readers = queue.SimpleQueue()
         self.folder = tempfile.mkdtemp(prefix="mdserve-")  # 0700: the index is the user's alone
         self.path = os.path.join(self.folder, "index.sqlite3")
-        self.db = self.connect() if fts else None
-        if self.db is not None and not self.create_tables():
-            self.db.close()
-            self.db = None
+        self.db = self.connect()
+        self.fts = self.create_tables(fts)
 
     def connect(self):
         db = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None)
@@ -1363,11 +1647,18 @@ class NoteIndex:
         db.execute("PRAGMA synchronous=OFF")  # a temporary index: a crash loses nothing worth keeping
         return db
 
-    def create_tables(self):
-        """Create the index; False where this Python's SQLite has no FTS5."""
-        self.db.execute("CREATE TABLE IF NOT EXISTS notes(row INTEGER PRIMARY KEY, path TEXT NOT NULL, opener BLOB)")
-        self.db.execute("CREATE INDEX IF NOT EXISTS notes_by_path ON notes(path)")
-        for tokenizer in ("unicode61 remove_diacritics 2", "unicode61"):
+    def create_tables(self, fts=True):
+        """Create the index; return whether it has the text tables (False without FTS5)."""
+        for sql in ("CREATE TABLE IF NOT EXISTS notes(row INTEGER PRIMARY KEY, path TEXT NOT NULL, opener BLOB)",
+                    "CREATE INDEX IF NOT EXISTS notes_by_path ON notes(path)",
+                    "CREATE TABLE IF NOT EXISTS links(row INTEGER, stem TEXT, target TEXT, opener BLOB)",
+                    "CREATE INDEX IF NOT EXISTS links_by_stem ON links(stem, opener)",
+                    "CREATE INDEX IF NOT EXISTS links_by_row ON links(row)",
+                    "CREATE TABLE IF NOT EXISTS tags(row INTEGER, tag TEXT, opener BLOB)",
+                    "CREATE INDEX IF NOT EXISTS tags_by_tag ON tags(tag, opener)",
+                    "CREATE INDEX IF NOT EXISTS tags_by_row ON tags(row)"):
+            self.db.execute(sql)
+        for tokenizer in ("unicode61 remove_diacritics 2", "unicode61") if fts else ():
             try:
                 for table in ("public_text", "private_text"):
                     self.db.execute(f"CREATE VIRTUAL TABLE IF NOT EXISTS {table} USING fts5(title, names, body, "
@@ -1425,47 +1716,100 @@ class NoteIndex:
             private = True
         return not private
 
-    def find(self, name, folder):
-        """Return the relative path of the note named name: in folder first, then the shortest anywhere."""
+    def find(self, written, folder):
+        """Return the relative path of the note or file a wiki link names, found as Obsidian
+        finds it: a path from the linking note's folder for ./ and ../; else by name, any
+        case, a note's .md optional, another file's extension not: in the linking note's
+        folder first, then the one with the fewest folders.  A name with folders must match
+        the end of a path.  Failing all that, a note whose front matter gives it that alias."""
+        target = written.strip().replace("\\", "/")
+        if target.startswith(("./", "../")):
+            path = posixpath.normpath(posixpath.join(folder, target))
+            candidates = [path, path + ".md", path + ".markdown"]
+            return next((c for c in candidates if c in self.notes or c.casefold() in self.files.get(
+                c.rpartition("/")[2].casefold(), ())), None)
+        target = target.strip("/")
+        base = target.rpartition("/")[2].casefold()
         with self.lock:
-            matches = sorted(self.stems.get(name.casefold(), ()), key=lambda r: (r.count("/"), r))
-        local = [r for r in matches if r.rpartition("/")[0] == folder]
-        return (local or matches or [None])[0]
+            if base in self.files:
+                pool = set(self.files[base])
+            else:
+                pool = set(self.stems.get(note_stem(base), ()))
+            if "/" in target:
+                wanted = note_stem(target.casefold())
+                pool = {r for r in pool if note_stem(r.casefold()) == wanted
+                        or note_stem(r.casefold()).endswith("/" + wanted)}
+            if not pool:
+                pool = set(self.aliases.get(target.casefold(), ()))
+        ranked = sorted(pool, key=lambda r: (r.rpartition("/")[0] != folder, r.count("/"), r))
+        return ranked[0] if ranked else None
 
-    def search(self, terms, folder, key=None):
+    def backlinks(self, rel, key):
+        """Return [(relative path, title)] of the notes this request may open that link to
+        rel or embed it, by title."""
+        known = self.notes.get(rel)
+        if not is_utf8(rel):  # not in the index: nothing can be found linking to it
+            return []
+        names = {stem_of(rel)} | {alias.casefold() for alias in (known.aliases if known else ())}
+        opener = self.opener(key) if self.opens_any(key) else None
+        db, found = self.reader(), {}
+        try:
+            for name in names:
+                rows = db.execute("SELECT n.path, l.target FROM links AS l JOIN notes AS n ON n.row = l.row "
+                                  "WHERE l.stem = ? AND l.opener IS NULL LIMIT 1000", (name,)).fetchall()
+                if opener:  # a separate look-up: without a key, private notes' rows are never read
+                    rows += db.execute("SELECT n.path, l.target FROM links AS l JOIN notes AS n ON n.row = l.row "
+                                       "WHERE l.stem = ? AND l.opener = ? LIMIT 1000", (name, opener)).fetchall()
+                for source, target in rows:
+                    note = self.notes.get(source)
+                    if source != rel and note is not None and source not in found and (
+                            target == "/" + rel or self.find(target, source.rpartition("/")[0]) == rel):
+                        found[source] = note.title
+        finally:
+            self.readers.put(db)
+        return sorted(found.items(), key=lambda item: (item[1].casefold(), item[0]))
+
+    def search(self, terms, tags, folder, key=None):
         """Return (relative paths of the best matches under folder, best first; None, or why
-        the answer may be short).  Private notes are searched only for a key that opens some."""
+        the answer may be short).  terms are words, tags are #tags (without the #).  Private
+        notes are searched only for a key that opens some, and only those it opens."""
         deadline = time.monotonic() + SEARCH_SECONDS
         opener = self.opener(key) if self.opens_any(key) else None
-        if self.db is None:
-            return self.scan(terms, folder, opener, deadline + SCAN_SECONDS - SEARCH_SECONDS)
-        match = match_expression(terms)
-        title = match_expression(terms, "title")
-        if folder:
-            match, title = (f'({m}) AND scope : "{scope_token(folder)}"' for m in (match, title))
-        try:
-            db = self.readers.get_nowait()
-        except queue.Empty:
-            db = self.connect()
+        if terms and not self.fts:
+            return self.scan(terms, tags, folder, opener, deadline + SCAN_SECONDS - SEARCH_SECONDS)
+        db = self.reader()
         db.set_progress_handler(lambda: time.monotonic() > deadline, 1000)
         try:
-            hits = self.ranked(db, "public_text", match, title, None)
-            if opener:
-                hits = sorted(hits + self.ranked(db, "private_text", match, title, opener), key=lambda h: h[1])
-            return [path for path, _ in hits][:SEARCH_RESULTS], None
+            hits = []
+            for table, who in [("public_text", None)] + ([("private_text", opener)] if opener else []):
+                hits += self.ranked(db, table, terms, tags, folder, who) if terms else \
+                    self.tagged(db, tags, folder, who)
+            return [path for path, _ in sorted(hits, key=lambda hit: hit[1])][:SEARCH_RESULTS], None
         except sqlite3.OperationalError:  # interrupted by the progress handler
             return [], "timeout"
         finally:
             db.set_progress_handler(None, 0)
             self.readers.put(db)
 
-    def ranked(self, db, table, match, title, opener):
-        """Return [(path, rank)] of the best matches in one table: ranked in SQL, with a
+    def reader(self):
+        """Return a connection for reading (one per concurrent request, kept for the next)."""
+        try:
+            return self.readers.get_nowait()
+        except queue.Empty:
+            return self.connect()
+
+    def ranked(self, db, table, terms, tags, folder, opener):
+        """Return [(path, rank)] of the best matches in one text table: ranked in SQL, with a
         LIMIT; past RANK_LIMIT matches, title matches first and then any, unranked."""
-        mine = " AND n.opener = ?" if opener else ""
+        match, title = match_expression(terms), match_expression(terms, "title")
+        if folder:
+            match, title = (f'({m}) AND scope : "{scope_token(folder)}"' for m in (match, title))
+        where, args = f"{table} MATCH ?" + (" AND n.opener = ?" if opener else ""), (opener,) if opener else ()
+        for tag in tags:
+            where += " AND f.rowid IN (SELECT row FROM tags WHERE tag = ? AND opener IS ?)"
+            args += (tag, opener)
         query = (f"SELECT n.path, f.rank FROM {table} AS f JOIN notes AS n ON n.row = f.rowid "
-                 f"WHERE {table} MATCH ?{mine} {{order}}LIMIT {SEARCH_RESULTS}")
-        args = (opener,) if opener else ()
+                 f"WHERE {where} {{order}}LIMIT {SEARCH_RESULTS}")
         count = db.execute(f"SELECT count(*) FROM (SELECT 1 FROM {table} WHERE {table} MATCH ? LIMIT ?)",
                            (match, RANK_LIMIT + 1)).fetchone()[0]
         if count <= RANK_LIMIT:  # ranking costs a score per match: affordable up to here
@@ -1475,7 +1819,16 @@ class NoteIndex:
         rest = db.execute(query.format(order=""), (match,) + args).fetchall()
         return hits + [hit for hit in rest if hit[0] not in seen]
 
-    def scan(self, terms, folder, opener, deadline):
+    def tagged(self, db, tags, folder, opener):
+        """Return [(path, 0)] of the notes under folder with every one of tags."""
+        low, high = (folder + "/", folder + "0") if folder else ("", "\U0010ffff")  # '0' follows '/'
+        where = " AND ".join(["t{0}.tag = ? AND t{0}.opener IS ?".format(n) for n in range(len(tags))])
+        joins = " ".join(f"JOIN tags AS t{n} ON t{n}.row = n.row" for n in range(len(tags)))
+        args = [value for tag in tags for value in (tag, opener)]
+        return db.execute(f"SELECT DISTINCT n.path, 0 FROM notes AS n {joins} WHERE {where} AND n.path >= ? "
+                          f"AND n.path < ? ORDER BY n.path LIMIT {SEARCH_RESULTS}", args + [low, high]).fetchall()
+
+    def scan(self, terms, tags, folder, opener, deadline):
         """Search without FTS5: read the notes this request may open, as grep would.  Notes it
         may not open are never read, so the time taken tells nothing of them."""
         prefix, hits = (folder + "/" if folder else ""), []
@@ -1489,7 +1842,7 @@ class NoteIndex:
             except OSError:
                 continue
             text = f"{found.title}\n{index_fields(rel)[0]}\n{found.text}".casefold()
-            if all(term in text for term in terms):
+            if all(term in text for term in terms) and set(tags) <= set(tags_of(found)):
                 hits.append(rel)
                 if len(hits) == SEARCH_RESULTS:
                     break
@@ -1505,7 +1858,8 @@ class NoteIndex:
 
     def remember(self, rel, note, row):
         """Keep what listings need of a note (not its text), and count it by who may open it."""
-        kept = Note(note.title, note.password, None, note.mtime_ns, note.size, note.too_large, row)
+        kept = Note(note.title, note.password, None, note.mtime_ns, note.size, note.too_large, row,
+                    note.aliases, note.tags)
         kept.racy = racy(note.mtime_ns)  # then it is read again next time, whatever its stat says
         with self.lock:
             old = self.notes.get(rel)
@@ -1513,7 +1867,7 @@ class NoteIndex:
                 self.tally(rel, old, -1)
             self.notes[rel] = kept
             self.tally(rel, kept, 1)
-            self.stems[stem_of(rel)].add(rel)
+            self.generation += 1
         return kept
 
     def forget(self, rel):
@@ -1522,8 +1876,13 @@ class NoteIndex:
             if old is not None:
                 self.tally(rel, old, -1)
             self.stems[stem_of(rel)].discard(rel)
+            self.generation += 1
 
     def tally(self, rel, note, sign):
+        """Count a note in (sign 1) or out (-1) of the maps that are kept by note."""
+        self.stems[stem_of(rel)].add(rel)
+        for alias in note.aliases:
+            (self.aliases[alias.casefold()].add if sign > 0 else self.aliases[alias.casefold()].discard)(rel)
         opener = self.opener(note.password)
         if opener is not None:
             self.openers[opener] += sign
@@ -1567,17 +1926,21 @@ class NoteIndex:
 
     def index_pass(self):
         """Bring the index up to date with the disk: one walk, reading only what changed."""
-        files = list(note_files(self.root, self.root, self.forbidden))
-        if self.db is not None and self.dead > max(10000, len(self.notes)):
+        attachments = []
+        files = list(note_files(self.root, self.root, self.forbidden, attachments))
+        if self.dead > max(10000, len(self.notes)):
             self.rebuild()
         with self.lock:  # names first, so wiki links resolve while the texts are still being read
             for rel, _, _ in files:
                 self.stems[stem_of(rel)].add(rel)
+            self.files.clear()
+            for rel in attachments:
+                self.files[rel.rpartition("/")[2].casefold()].add(rel)
         seen = {rel for rel, _, _ in files}
         for rel in [rel for rel in list(self.notes) if rel not in seen]:
             self.drop(rel)
         self.total, done, committed = len(files), 0, time.monotonic()
-        self.write("BEGIN")
+        self.db.execute("BEGIN")
         try:
             for rel, real, status in files:
                 if self.stopped.is_set():
@@ -1590,41 +1953,49 @@ class NoteIndex:
                         pass
                 done += 1
                 if time.monotonic() - committed > 0.25:  # searches see progress as it is made
-                    self.write("COMMIT")
-                    self.write("BEGIN")
+                    self.db.execute("COMMIT")
+                    self.db.execute("BEGIN")
                     self.done, committed = done, time.monotonic()
         finally:
-            self.write("COMMIT")
+            self.db.execute("COMMIT")
         self.done = done
         self.complete.set()
 
-    def write(self, sql, args=()):
-        if self.db is not None:
-            self.db.execute(sql, args)
-
     def store(self, rel, note):
-        """Put a note's current version in the text index, and its old row out of use."""
+        """Put a note's current version in the index, and its old row out of use."""
         row, self.next_row = self.next_row, self.next_row + 1
-        if self.db is not None:
-            self.dead += self.db.execute("DELETE FROM notes WHERE path = ?", (rel,)).rowcount
-            table = "public_text" if note.password is None else "private_text"
+        opener = self.opener(note.password)
+        self.unlink(rel)
+        text = "" if note.too_large else note.text
+        if self.fts:
             names, scopes = index_fields(rel)
-            text = "" if note.too_large else note.text
-            self.write(f"INSERT INTO {table}(rowid, title, names, body, scope) VALUES (?, ?, ?, ?, ?)",
-                       (row, note.title, names, text, scopes))
-            self.write("INSERT INTO notes(row, path, opener) VALUES (?, ?, ?)", (row, rel, self.opener(note.password)))
+            self.db.execute(f"INSERT INTO {'public_text' if opener is None else 'private_text'}(rowid, title, names, "
+                            f"body, scope) VALUES (?, ?, ?, ?, ?)", (row, note.title, names, strip_comments(text),
+                                                                     scopes))
+        self.db.execute("INSERT INTO notes(row, path, opener) VALUES (?, ?, ?)", (row, rel, opener))
+        self.db.executemany("INSERT INTO links(row, stem, target, opener) VALUES (?, ?, ?, ?)",
+                            [(row, stem, target, opener) for stem, target in links_of(rel, text)])
+        self.db.executemany("INSERT INTO tags(row, tag, opener) VALUES (?, ?, ?)",
+                            [(row, tag, opener) for tag in tags_of(note)])
         self.remember(rel, note, row)
 
+    def unlink(self, rel):
+        """Take a note's rows out of the index (its text rows stay, dead, until a rebuild)."""
+        old = self.db.execute("SELECT row FROM notes WHERE path = ?", (rel,)).fetchall()
+        for (row,) in old:
+            for table in ("notes", "links", "tags"):
+                self.db.execute(f"DELETE FROM {table} WHERE row = ?", (row,))
+        self.dead += len(old)
+
     def drop(self, rel):
-        if self.db is not None:
-            self.dead += self.db.execute("DELETE FROM notes WHERE path = ?", (rel,)).rowcount
+        self.unlink(rel)
         self.forget(rel)
 
     def rebuild(self):
-        """Start the text index afresh (every note is indexed again by this pass)."""
-        for table in ("notes", "public_text", "private_text"):
-            self.write(f"DROP TABLE IF EXISTS {table}")
-        self.create_tables()
+        """Start the index afresh (every note is indexed again by this pass)."""
+        for table in ("notes", "links", "tags", "public_text", "private_text"):
+            self.db.execute(f"DROP TABLE IF EXISTS {table}")
+        self.fts = self.create_tables(self.fts)
         with self.lock:
             for note in self.notes.values():
                 note.row = 0
@@ -1637,8 +2008,7 @@ class NoteIndex:
         if self.thread is not None:
             self.thread.join(10)
         for db in [self.db] + [self.readers.get() for _ in range(self.readers.qsize())]:
-            if db is not None:
-                db.close()
+            db.close()
         shutil.rmtree(self.folder, ignore_errors=True)
 
 
@@ -1650,7 +2020,56 @@ def is_current(known, status):
 
 def stem_of(rel):
     """Return the name a wiki link uses for the note at rel: its file name less suffix, casefolded."""
-    return os.path.splitext(rel.rpartition("/")[2])[0].casefold()
+    return note_stem(rel.rpartition("/")[2].casefold())
+
+
+def note_stem(name):
+    """Return a name without the suffix of a note (.md, .markdown), if it has one."""
+    for suffix in NOTE_SUFFIXES:
+        if name.endswith(suffix):
+            return name[:-len(suffix)]
+    return name
+
+
+LINK_IN_TEXT = re.compile(r"!?\[\[([^\[\]|#\n]*)[^\[\]\n]*\]\]|\]\(<?([^)\s<>]+)>?(?:\s+\"[^\"]*\")?\)")
+FENCED_CODE = re.compile(r"^[ \t]*(`{3,}|~{3,}).*?^[ \t]*\1[ \t]*$", re.M | re.S)
+
+
+def strip_comments(text):
+    """Return text without Obsidian's %%comments%%, which no reader sees."""
+    return re.sub(r"%%.*?%%", " ", text, flags=re.S) if "%%" in text else text
+
+
+def links_of(rel, text):
+    """Return {(stem, target)} for what a note links to or embeds: wiki links by the name
+    written (resolved when asked, as Obsidian would), markdown links to notes by their path."""
+    folder, found = rel.rpartition("/")[0], set()
+    for match in LINK_IN_TEXT.finditer(strip_comments(FENCED_CODE.sub("", text))):
+        if match.group(1) is not None:
+            target = match.group(1).strip().rstrip("\\")
+            if target:
+                found.add((note_stem(target.rpartition("/")[2].casefold()), target))
+            continue
+        url = urllib.parse.unquote(match.group(2).partition("#")[0])
+        if "://" in url or url.startswith("mailto:") or not url.lower().endswith(NOTE_SUFFIXES):
+            continue
+        path = posixpath.normpath(url.lstrip("/") if url.startswith("/") else posixpath.join(folder, url))
+        if not path.startswith("../"):
+            found.add((stem_of(path), "/" + path))
+    return found
+
+
+def tags_of(note):
+    """Return a note's tags (front matter and text), casefolded, each with the tags it nests
+    in: #a/b is also #a, as Obsidian searches them."""
+    text = CODE_SPAN.sub("", strip_comments(FENCED_CODE.sub("", note.text or "")))
+    tags = set()
+    for tag in list(note.tags) + [m.group(1) for m in re.finditer(TAG, text)]:
+        tag = tag.casefold().strip("/").rstrip("-")
+        if tag and not tag.replace("/", "").replace("-", "").isdigit():
+            parts = tag.split("/")
+            tags.update("/".join(parts[:depth]) for depth in range(1, len(parts) + 1))
+    return tags
 
 
 
@@ -1974,7 +2393,9 @@ class NoteHandler(BaseHTTPRequestHandler):
     # -- render → response ----------------------------------------------------
 
     def send_note(self, real, note):
-        """Send a note's page, cached whole until the file changes."""
+        """Send a note's page.  It is cached whole until the note, or any note, changes (links
+        and backlinks depend on the others), unless it includes other notes; its ETag is its
+        content's, so a page reloads only when what it shows has changed."""
         server = self.server
         rel = relative(server.root, real)
         note, article = self.article(real, rel, note)
@@ -1982,18 +2403,21 @@ class NoteHandler(BaseHTTPRequestHandler):
             self.refuse()
         # A keyed page carries its key in its links: cached apart, under the key that opened
         # it (the note's own password), and only for private notes, so wrong keys cannot fill it.
-        cache_key = ("page", self.canonical_path(), note.mtime_ns, note.size, self.key)
-        cacheable = (self.key is None or note.password is not None) and "data-wiki=" not in article \
-            and not racy(note.mtime_ns)   # wiki targets change without this file
-        etag = f'W/"{note.mtime_ns:x}-{note.size:x}-{server.salt}"'
-        body = server.cache.get(cache_key) if cacheable else None
-        if body is None:
-            article = self.links_resolved(article, rel)
+        cache_key = ("page", self.canonical_path(), note.mtime_ns, note.size, self.key, server.index.generation)
+        cacheable = (self.key is None or note.password is not None) and "data-embed=" not in article \
+            and not racy(note.mtime_ns)
+        cached = server.cache.get(cache_key) if cacheable else None
+        if cached is None:
+            main = Linker(self).resolve(article, rel) + self.backlinks(rel)
+            shown = f"{note.mtime_ns}-{note.size}-{main}".encode("utf-8", "replace")
+            etag = 'W/"%s"' % hashlib.blake2b(shown, digest_size=12).hexdigest()
             folder = rel.rpartition("/")[0]
-            body = self.page(f"{note.title} · {self.folder_name(folder)}", article + self.footer(note, rel),
-                             folder, etag=etag)
+            main = self.tag_links_keyed(main) + self.footer(note, rel)
+            cached = self.page(f"{note.title} · {self.folder_name(folder)}", main, folder,
+                               etag=self.validator(etag)), etag
             if cacheable:
-                server.cache.put(cache_key, body, len(body))
+                server.cache.put(cache_key, cached, len(cached[0]))
+        body, etag = cached
         self.send_content(body, "text/html; charset=utf-8", etag, note.mtime_ns, note.password is not None,
                           gzip_key=cache_key + ("gzip",) if cacheable else None)
 
@@ -2004,8 +2428,26 @@ class NoteHandler(BaseHTTPRequestHandler):
         return self.links_resolved(article, rel) if may_open(note.password, self.key) else ""
 
     def links_resolved(self, article, rel):
-        """Return article with its wiki-link placeholders made into links for this request."""
-        return WIKI_PLACEHOLDER.sub(lambda m: self.wiki_link(m, rel), article) if "data-wiki=" in article else article
+        """Return article with its wiki links and embeds made real for this request."""
+        return self.tag_links_keyed(Linker(self).resolve(article, rel))
+
+    def tag_links_keyed(self, article):
+        """Return article with its tag links carrying this request's key, if any."""
+        if self.key is None or 'class="tag"' not in article:
+            return article
+        return article.replace('class="tag" href="/?q=', 'class="tag" href="/?%s&amp;q=' % html.escape(
+            urllib.parse.urlencode({"access_key": self.key})))
+
+    def backlinks(self, rel):
+        """Return the "Linked from" list: the notes, that this request may open, that link here."""
+        sources = self.server.index.backlinks(rel, self.key)
+        if not sources:
+            return ""
+        key = self.key_query()
+        items = "".join(f'<li><a href="/{html.escape(quote_url(source))}'
+                        f'{key if self.server.index.notes[source].password is not None else ""}">'
+                        f"{html.escape(title)}</a></li>" for source, title in sources)
+        return f'<nav class="backlinks" aria-label="Linked from"><h2>Linked from</h2><ul>{items}</ul></nav>'
 
     def article(self, real, rel, note):
         """Return (the Note as rendered, its article HTML): one render per version of a note,
@@ -2061,6 +2503,11 @@ class NoteHandler(BaseHTTPRequestHandler):
         except Exception:  # e.g. RecursionError on lists nested hundreds deep: show the text instead
             self.log_error("could not render %s; sent as text", rel)
             body, toc = f"<pre>{html.escape(note.text)}</pre>", ""
+        if note.tags:  # front matter tags, under the title
+            tags = " ".join(f'<a class="tag" href="/?q={html.escape(urllib.parse.quote("#" + tag))}">'
+                            f"#{html.escape(tag)}</a>" for tag in note.tags)
+            after = body.find("</h1>") + 5 if body.startswith("<h1") else 0
+            body = f'{body[:after]}<p class="tags">{tags}</p>{body[after:]}'
         return f"<article>{toc}{body}</article>"
 
     def canonical_path(self):
@@ -2073,20 +2520,6 @@ class NoteHandler(BaseHTTPRequestHandler):
         modified = time.strftime("%Y-%m-%d %H:%M", time.localtime(note.mtime_ns / 1e9))
         raw = html.escape(quote_url(rel.rpartition("/")[2]) + "?raw" + self.key_query().replace("?", "&"))
         return f'<p class="meta">{html.escape(readable(rel))} · modified {modified} · <a href="{raw}">raw</a></p>'
-
-    def wiki_link(self, match, rel):
-        """Return the link for one [[wiki link]] placeholder, or broken text."""
-        name, label = html.unescape(match.group(1)), match.group(2)
-        target = self.server.index.find(name, rel.rpartition("/")[0])
-        try:  # privacy as the target is now, not as last indexed
-            kind, real, status = locate(self.server.root, quote_url("/" + (target or "")), self.server.forbidden)
-            note = self.note(real, status) if kind == "note" else None
-        except HTTPError:
-            note = None
-        if note is None or not may_open(note.password, self.key):
-            return f'<span class="broken" title="No note named {html.escape(name)}">{label}</span>'
-        key = self.key_query() if note.password is not None else ""
-        return f'<a class="wikilink" href="/{html.escape(quote_url(target))}{key}">{label}</a>'
 
     def send_listing(self, real):
         """Send a folder's sub-folders and the notes this request may see, by title.  A
@@ -2130,8 +2563,9 @@ class NoteHandler(BaseHTTPRequestHandler):
     def send_search(self, real, query):
         """Send the notes under a folder holding every word, title matches first."""
         root, index = self.server.root, self.server.index
-        folder, terms, results = relative(root, real), search_terms(query), []
-        hits, stopped = index.search(terms, folder, self.key) if terms else ([], None)
+        tags = [tag.casefold().strip("/") for tag in re.findall(TAG, query)]
+        folder, terms, results = relative(root, real), search_terms(re.sub(TAG, " ", query)), []
+        hits, stopped = index.search(terms, tags, folder, self.key) if terms or tags else ([], None)
         for rel in hits:
             try:  # re-read: privacy and snippet come from the file as it is now
                 target, status = inspect(root, os.path.join(root, *rel.split("/")), self.server.forbidden)
@@ -2220,14 +2654,18 @@ class NoteHandler(BaseHTTPRequestHandler):
             body, headers = zipped, headers + [("Vary", "Accept-Encoding"), ("Content-Encoding", "gzip")]
         self.send_body(body, content_type, headers=headers, file=file)
 
+    def validator(self, etag):
+        """Return the ETag as sent: answers to a keyed request carry the key in their links,
+        so their ETag is the key's own (never the keyless page's)."""
+        if self.key is None:
+            return etag
+        tag = hmac.new(self.server.index.secret, self.key.encode("utf-8", "surrogateescape"), "sha256")
+        return f'{etag[:-1]}-{tag.hexdigest()[:12]}"'
+
     def validators(self, etag, mtime_ns, private):
-        """Return the cache headers, ETag first.  Answers to a keyed request carry the key in
-        their links, so they are never stored, and their ETag is the key's own."""
-        if self.key is not None:
-            tag = hmac.new(self.server.index.secret, self.key.encode("utf-8", "surrogateescape"), "sha256")
-            etag = f'{etag[:-1]}-{tag.hexdigest()[:12]}"'
+        """Return the cache headers, ETag first.  Answers to a keyed request are never stored."""
         store = "no-store" if private or self.key is not None else "no-cache"
-        headers = [("ETag", etag), ("Cache-Control", store)]
+        headers = [("ETag", self.validator(etag)), ("Cache-Control", store)]
         if mtime_ns is not None:
             headers.append(("Last-Modified", http_date(mtime_ns // 10**9)))
         return headers
