@@ -1014,7 +1014,7 @@ class Tags(InlineProcessor):
 class BlockIds(Treeprocessor):
     """A '^block-id' at the end of a paragraph or list item becomes its anchor, unseen; on a
     line of its own after a list, table or quote it names that block (Obsidian's rule)."""
-    MARK = re.compile(r"(?:^|[ \t])\^([A-Za-z0-9-]+)[ \t]*$")
+    MARK = re.compile(r"(?:^|\s)\^([A-Za-z0-9-]+)[ \t]*$")
 
     def run(self, root):
         for parent in list(root.iter()):

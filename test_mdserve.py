@@ -1974,3 +1974,213 @@ def test_browser_shows_the_whole_note_after_a_script_tag_in_a_heading(serve):
     dom = chromium_dom(f"http://127.0.0.1:{client.port}/quiz.md")
     assert "What does the &lt;script&gt; tag do?" in dom and "Answer 39." in dom and "The very last line." in dom
     assert 'type="checkbox"' in dom
+
+
+# An Obsidian vault ###############################################################
+
+PNG = b"\x89PNG\r\n\x1a\n" + b"\0" * 32
+VAULT = {
+    "Home.md": "---\ntags: [start, projects/alpha]\naliases: [Start page]\n---\n# Home\n\n"
+               "Links: [[Note A]], [[Note A|label A]], [[Note A.md]], [[sub/Deep Note]], [[Note A#Second Heading]], "
+               "[[Note A#^para-1]], [[#Local heading]], [[Missing Note]], [[ $a == $b ]].\n\n"
+               "| col | col2 |\n|---|---|\n| [[Note A\\|in table]] | x |\n\n"
+               "![[pic.png|300]] ![[pic.png|120x80]] ![[clip.mp3]] ![[doc.pdf]]\n\n"
+               "![[Note A#Second Heading]]\n\n![[Secret]]\n\n"
+               "==highlighted== and %%hidden comment%% and #inline-tag and #nested/tag.\n\n"
+               "%%\nblock comment COMMENT-TEXT\n%%\n\n## Local heading\n\nText ^home-block\n\n"
+               "> [!tip]- Folded tip\n> inside the fold\n\n> [!faq]+ Open question\n> > [!bug] Nested bug\n> > body\n\n"
+               "> [!unknowntype] Whatever\n> looks like a note\n",
+    "Note A.md": "# Note A\n\nFirst para ^para-1\n\n## Second Heading\n\nSection text SECTION-A.\n\n## Third\n\n"
+                 "Not in the section.\n",
+    "sub/Deep Note.md": "# Deep\n\nBack to [[Home]], and [[Note A]] here in sub.\n",
+    "sub/Note A.md": "# Other Note A\n",
+    "Secret.md": "password: opensesame\n# Secret title\n\nSECRET-BODY links to [[Home]]. #secret-tag\n",
+    "Other.md": "password: otherkey\n# Other private\n",
+    "pic.png": PNG, "clip.mp3": b"ID3" + b"\0" * 16, "doc.pdf": b"%PDF-1.4\n",
+    "Loop A.md": "# Loop A\n\n![[Loop B]]\n", "Loop B.md": "# Loop B\n\n![[Loop A]]\n",
+    "Aliased.md": "---\naliases: [Nickname]\n---\n# Aliased\n", "Uses alias.md": "[[Nickname]]\n",
+}
+VAULT_SECRETS = ("SECRET-BODY", "Secret title", "secret-tag", "opensesame")
+
+
+def test_wiki_links_of_every_form(serve):
+    client = serve(VAULT)
+    main = main_of(client.get("/Home.md"))
+    for fragment in ['<a class="wikilink" href="/Note%20A.md">Note A</a>', 'href="/Note%20A.md">label A</a>',
+                     'href="/Note%20A.md">Note A.md</a>', 'href="/sub/Deep%20Note.md">sub/Deep Note</a>',
+                     'href="/Note%20A.md#second-heading">Note A &gt; Second Heading</a>',
+                     'href="/Note%20A.md#^para-1">', 'href="#local-heading">Local heading</a>',
+                     'href="/Note%20A.md">in table</a>', "[[ $a == $b ]]"]:
+        assert fragment in main, fragment
+    assert re.search(r'<span class="broken"[^>]*>\[\[Missing Note\]\]</span>', main)
+    deep = main_of(client.get("/sub/Deep%20Note.md"))
+    assert 'href="/sub/Note%20A.md">Note A</a>' in deep and 'href="/Home.md">Home</a>' in deep  # same folder first
+    assert 'href="/Aliased.md">Nickname</a>' in main_of(client.get("/Uses%20alias.md"))
+
+
+def test_heading_and_block_anchors_exist_on_the_target_page(serve):
+    client = serve(VAULT)
+    target = client.get("/Note%20A.md").text
+    assert 'id="second-heading"' in target and 'id="^para-1"' in target and "^para-1</p>" not in target
+    home = client.get("/Home.md")
+    assert 'id="local-heading"' in home.text and 'id="^home-block"' in home.text
+    assert "Text ^home-block" not in main_of(home)
+
+
+def test_embeds_images_media_and_note_sections(serve):
+    client = serve(VAULT)
+    main = main_of(client.get("/Home.md"))
+    assert '<img src="/pic.png" alt="pic.png" width="300">' in main
+    assert '<img src="/pic.png" alt="pic.png" width="120" height="80">' in main
+    assert '<audio controls src="/clip.mp3"></audio>' in main and 'href="/doc.pdf">doc.pdf</a>' in main
+    embedded = main.split('<div class="embed">', 1)[1]
+    assert "SECTION-A" in embedded and "Not in the section" not in main and "<p><div" not in main
+    assert client.get("/pic.png").status == 200
+
+
+def test_obsidian_inline_syntax(serve):
+    client = serve(VAULT)
+    response = client.get("/Home.md")
+    main = main_of(response)
+    assert "<mark>highlighted</mark>" in main
+    assert "hidden comment" not in response.text and "COMMENT-TEXT" not in response.text and "%%" not in main
+    assert '<a class="tag" href="/?q=%23inline-tag">#inline-tag</a>' in main
+    assert '<a class="tag" href="/?q=%23nested/tag">#nested/tag</a>' in main
+    assert re.search(r'</h1><p class="tags"><a class="tag" href="/\?q=%23start">#start</a> '
+                     r'<a class="tag" href="/\?q=%23projects/alpha">#projects/alpha</a></p>', main)
+    raw = client.get("/Home.md?raw")
+    assert "%%hidden comment%%" in raw.text and "COMMENT-TEXT" in raw.text   # ?raw is the file as it is
+
+
+def test_callouts_fold_nest_and_default_to_note(serve):
+    client = serve(VAULT)
+    main = flat(main_of(client.get("/Home.md")))
+    assert re.search(r'<details class="callout callout-cyan" data-callout="tip"><summary class="callout-title">'
+                     r'<svg[^>]*>.*?</svg> Folded tip</summary><p>inside the fold</p></details>', main)
+    assert '<details class="callout callout-orange" data-callout="question" open="open">' in main
+    nested = main.split('data-callout="question"', 1)[1]
+    assert 'data-callout="bug"' in nested and "Nested bug" in nested
+    assert '<div class="callout callout-blue" data-callout="unknowntype">' in main and "Whatever</p>" in main
+
+
+def test_private_notes_in_a_vault_stay_private_without_the_key(serve):
+    client = serve(VAULT)
+    client.settle()
+    for path in ["/Home.md", "/Note%20A.md", "/", "/?q=links", "/?q=%23secret-tag", "/?q=%23start", "/Home.md?raw",
+                 "/sub/Deep%20Note.md", "/?q=SECRET"]:
+        response = client.get(path)
+        assert response.status == 200, path
+        assert_no_secret(response, *[s for s in VAULT_SECRETS if s not in path])  # a search shows its own words
+    assert "No notes" in main_of(client.get("/?q=%23secret-tag"))
+    home = main_of(client.get("/Home.md"))
+    assert re.search(r'<span class="broken"[^>]*>!\[\[Secret\]\]</span>', home)   # just like a missing note
+    assert "Secret.md" not in home.split("Linked from")[-1]
+
+
+def test_private_notes_in_a_vault_open_with_the_key(serve):
+    client = serve(VAULT)
+    client.settle()
+    home = client.get("/Home.md?access_key=opensesame")
+    assert "SECRET-BODY" in home.text and home.header("Cache-Control") == "no-store"
+    backlinks = main_of(home).split("Linked from", 1)[1]
+    assert '<a href="/Secret.md?access_key=opensesame">Secret title</a>' in backlinks
+    assert 'href="/sub/Deep%20Note.md">Deep</a>' in backlinks
+    assert "Secret.md" in main_of(client.get("/?q=%23secret-tag&access_key=opensesame"))
+    script = re.search(r'data-etag="([^"]+)"', home.text).group(1).replace("&quot;", '"')
+    again = client.get("/Home.md?access_key=opensesame", method="HEAD", headers={"If-None-Match": script})
+    assert again.status == 304  # the reload poll of a keyed page is answered, not reloaded forever
+
+
+def test_backlinks_list_the_notes_that_link_here(serve):
+    client = serve(VAULT)
+    client.settle()
+    note_a = main_of(client.get("/Note%20A.md"))
+    assert 'Linked from</h2><ul><li><a href="/Home.md">Home</a></li></ul>' in note_a  # sub/Deep Note links sub's
+    assert "Linked from" not in main_of(client.get("/Other.md?access_key=otherkey"))
+
+
+@pytest.mark.parametrize("key", ["wrong", "otherkey"])
+def test_embeds_and_backlinks_cannot_be_used_to_guess_keys(serve, key):
+    client = serve(VAULT, clock=FakeClock())
+    client.settle()
+    for _ in range(10):  # a key that opens nothing, or that opens a note but not the embedded one
+        response = client.get(f"/Home.md?access_key={key}")
+        assert response.status == 200
+        assert_no_secret(response, *VAULT_SECRETS)
+    assert client.get("/Home.md?access_key=opensesame").status == 429
+    assert client.get("/Secret.md?access_key=opensesame").status == 429
+
+
+def test_a_cycle_of_embeds_stops(serve):
+    client = serve(VAULT)
+    started = time.monotonic()
+    response = client.get("/Loop%20A.md")
+    main = main_of(response)
+    assert response.status == 200 and time.monotonic() - started < 2
+    assert main.count('<div class="embed">') == 1 and 'href="/Loop%20A.md">Loop A</a>' in main
+
+
+def test_editing_an_embedded_note_changes_the_page_that_embeds_it(serve):
+    client = serve(VAULT)
+    first = client.get("/Home.md")
+    assert "SECTION-A" in first.text
+    client.write("Note A.md", VAULT["Note A.md"].replace("SECTION-A", "SECTION-B"))
+    second = client.get("/Home.md")
+    assert "SECTION-B" in second.text and "SECTION-A" not in second.text
+    assert second.header("ETag") != first.header("ETag")
+    assert client.get("/Home.md", headers={"If-None-Match": first.header("ETag")}).status == 200
+
+
+def png_pixels(data):
+    """Decode an 8-bit RGB(A) PNG (as Chromium writes screenshots): return (width, height, rows of bytes)."""
+    import struct
+    import zlib
+    chunks, position = {}, 8
+    while position < len(data):
+        length, kind = struct.unpack(">I4s", data[position:position + 8])
+        chunks.setdefault(kind, b"")
+        chunks[kind] += data[position + 8:position + 8 + length]
+        position += 12 + length
+    width, height, depth, colour = struct.unpack(">IIBB", chunks[b"IHDR"][:10])
+    channels = {2: 3, 6: 4}[colour]
+    raw, rows, previous = zlib.decompress(chunks[b"IDAT"]), [], bytearray(width * channels)
+    stride = width * channels
+    for y in range(height):
+        kind, line = raw[y * (stride + 1)], bytearray(raw[y * (stride + 1) + 1:(y + 1) * (stride + 1)])
+        for x in range(stride):
+            left = line[x - channels] if x >= channels else 0
+            up, corner = previous[x], previous[x - channels] if x >= channels else 0
+            predictor = [0, left, up, (left + up) // 2,
+                         min((left, up, corner), key=lambda p: abs(left + up - corner - p))][kind]
+            line[x] = (line[x] + predictor) & 0xFF
+        rows.append(bytes(line))
+        previous = line
+    return width, height, channels, rows
+
+
+def chromium_screenshot(url, path, width=800, height=900):
+    profile = os.path.join(os.environ.get("TMPDIR", "/tmp"), f"mdserve-chromium-{os.getpid()}-{time.time_ns()}")
+    try:
+        subprocess.run([CHROMIUM, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                        "--hide-scrollbars", f"--user-data-dir={profile}", f"--window-size={width},{height}",
+                        f"--screenshot={path}", url], capture_output=True, timeout=90)
+    finally:
+        shutil.rmtree(profile, ignore_errors=True)
+    with open(path, "rb") as f:
+        return png_pixels(f.read())
+
+
+@needs_browser
+def test_browser_shows_a_callout_in_its_colour_folded_until_opened(serve, tmp_path):
+    body = "".join(f"> line {n} of the body\n>\n" for n in range(12))
+    client = serve({"folded.md": "# F\n\n> [!warning]- Careful\n" + body, "open.md": "# O\n\n> [!warning]+ Careful\n" + body})
+    heights = {}
+    for name in ("folded", "open"):
+        width, height, channels, rows = chromium_screenshot(f"http://127.0.0.1:{client.port}/{name}.md",
+                                                            str(tmp_path / f"{name}.png"))
+        border = [y for y, row in enumerate(rows) for x in range(0, 120 * channels, channels)
+                  if abs(row[x] - 176) < 30 and abs(row[x + 1] - 98) < 30 and row[x + 2] < 60]  # the orange border
+        assert border, f"no orange callout border in the {name} page"
+        heights[name] = max(border) - min(border)
+    assert heights["open"] > 3 * heights["folded"], heights
