@@ -177,6 +177,11 @@ stroke-linecap:round;stroke-linejoin:round}
 .callout-red{--c:248,81,73}.callout-gray{--c:145,152,161}}
 del{color:var(--muted)}div.math{white-space:pre-wrap;overflow-x:auto;margin:1em 0}
 .readme{margin-top:2rem;border-top:1px solid var(--line)}
+.embed{border-left:3px solid var(--line);padding:0 0 0 1rem;margin:1em 0}.embed-title{font-size:.85rem;margin:.3rem 0}
+a.tag{background:var(--soft);border:1px solid var(--line);border-radius:1em;padding:0 .45em;font-size:.88em}
+.tags{margin:-.3rem 0 1rem}.attachment:before{content:"\1F4CE  "}
+.backlinks{margin-top:2.5rem;font-size:.92rem}.backlinks h2{font-size:1rem;border:0;color:var(--muted);margin:0}
+.backlinks ul{margin:.3rem 0;padding-left:1.2rem}
 .contents{background:var(--soft);border:1px solid var(--line);border-radius:8px;padding:.4rem 1rem;
 margin:1rem 0;font-size:.92rem}.contents ul{margin:.2rem 0;padding-left:1.1rem}.contents summary{cursor:pointer}
 .list{list-style:none;padding:0}.list li{padding:.5rem 0;border-bottom:1px solid var(--line)}
@@ -185,7 +190,7 @@ margin:1rem 0;font-size:.92rem}.contents ul{margin:.2rem 0;padding-left:1.1rem}.
 .broken{color:var(--bad);text-decoration:underline dotted;cursor:help}
 .meta{margin-top:3rem;border-top:1px solid var(--line);padding-top:.6rem}
 form.key input{font:inherit;padding:.3rem .6rem;margin-right:.4rem}
-@media print{header,.meta,.headerlink,.contents{display:none}body{font-size:11pt;background:#fff;color:#000}
+@media print{header,.meta,.headerlink,.contents,.backlinks{display:none}body{font-size:11pt;background:#fff;color:#000}
 main{max-width:none;padding:0}pre,table{overflow:visible}a{color:inherit}}
 """
 
