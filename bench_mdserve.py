@@ -1,7 +1,8 @@
 #!/usr/bin/env python3
 """Benchmark mdserve against baselines measured in the same run, and print one table.
 
-Usage:  python bench_mdserve.py
+Usage:  python bench_mdserve.py                  (about three minutes)
+        python bench_mdserve.py --notes 100000   (the large-folder targets; a few minutes more)
 
 Builds its notes in a temporary folder, starts every server on 127.0.0.1 (each in its
 own process), and drives them with wrk when it is installed (apt-get install wrk), else
@@ -10,6 +11,7 @@ servers and the load generator share this machine's cores.  The whole run takes 
 two minutes.  Every figure is compared with a baseline from this same run.
 """
 
+import argparse
 import json
 import os
 import random
@@ -86,7 +88,11 @@ def build_trees(base):
     for d in range(100):
         for n in range(100):
             extra = "\nzebrafish sighting\n" if (d * 100 + n) % 97 == 0 else ""
-            body = f"# Note {d}-{n}\n\n" + " ".join(rng.choice(WORDS) for _ in range(300)) + extra + "\n"
+            # Every fifth note is private, and only private notes hold the word "okapi".
+            private = (d * 100 + n) % 5 == 0
+            head = f"password: k{n}\n" if private else ""
+            extra += "\nokapi\n" if private else ""
+            body = head + f"# Note {d}-{n}\n\n" + " ".join(rng.choice(WORDS) for _ in range(300)) + extra + "\n"
             write(os.path.join(tree, f"d{d:03}", f"n{n:03}.md"), body)
     return pages, tree
 
@@ -191,6 +197,18 @@ def startup_seconds(folder):
         stop(process)
 
 
+def key_timing(port, rounds=41):
+    """Return the median ms of a keyless search for a word that 2,000 private notes hold, and
+    for a word no note holds, over interleaved requests: they should be the same."""
+    times = {"okapi": [], "qzxqzxq": []}
+    for word in times:
+        fetch(port, f"/?q={word}")
+    for _ in range(rounds):
+        for word in times:
+            times[word].append(fetch(port, f"/?q={word}")[3])
+    return statistics.median(times["okapi"]) * 1000, statistics.median(times["qzxqzxq"]) * 1000
+
+
 def median_ms(port, path, times=7):
     fetch(port, path)  # warm
     return statistics.median(fetch(port, path)[3] for _ in range(times)) * 1000
@@ -203,7 +221,13 @@ def rss_mb(pid):
 
 # The run #####################################################################
 
-def main():
+def main(argv=None):
+    parser = argparse.ArgumentParser(description="Benchmark mdserve against baselines from the same run.")
+    parser.add_argument("--notes", type=int, metavar="N",
+                        help="instead, measure a folder of N notes (200 a folder; try 100000)")
+    args = parser.parse_args(argv)
+    if args.notes:
+        return large_folder(args.notes)
     rows = []
 
     def row(target, measured, baseline, ratio, ok):
@@ -274,6 +298,14 @@ def main():
         big_second = min(fetch(md_port, "/big.md")[3] for _ in range(3))
         row("3b 500 KB note, second view vs first", f"{big_second * 1000:.2f} ms", f"{big_first * 1000:.0f} ms",
             f"{big_first / big_second:.0f}x faster", big_first >= 100 * big_second)
+        dialect = []
+        for text in texts * 2:  # mdserve's renderer: the GitHub and Obsidian dialect on top
+            started = time.perf_counter()
+            mdserve.render_markdown(text)
+            dialect.append(time.perf_counter() - started)
+        dialect_ms = statistics.median(dialect) * 1000
+        row("3c render of an 8 KB note, with the dialect vs without", f"{dialect_ms:.2f} ms",
+            f"{render_ms:.2f} ms", f"{dialect_ms / render_ms:.2f}x", dialect_ms <= 1.25 * render_ms)
         for process in (md, plain, bare):
             stop(process)
 
@@ -300,6 +332,9 @@ def main():
         rss = rss_mb(big.pid)
         row("4c server RSS after listing and searching all", f"{rss:.0f} MB", "150 MB", f"{rss / 150:.2f}x",
             rss <= 150)
+        private_only, absent = key_timing(big_port)
+        row("4d keyless search: a word only private notes hold vs no such word", f"{private_only:.2f} ms",
+            f"{absent:.2f} ms", f"{private_only / absent:.2f}x", private_only <= 1.25 * absent)
         stop(big)
 
         # 5: start-up.
@@ -311,11 +346,89 @@ def main():
     finally:
         shutil.rmtree(base, ignore_errors=True)
 
+    return print_table(rows)
+
+
+def print_table(rows):
     widths = [max(len(str(r[i])) for r in rows + [HEADER]) for i in range(5)]
     for line in [HEADER, tuple("-" * w for w in widths)] + rows:
         print("| " + " | ".join(str(c).ljust(w) for c, w in zip(line, widths)) + " |")
     print(json.dumps({"failed": [r[0] for r in rows if r[4] != "pass"]}))
     return 0 if all(r[4] == "pass" for r in rows) else 1
+
+
+# The large folder (--notes) ####################################################
+
+def build_large(base, count):
+    """Write count notes of about 4 KB, 200 a folder, each linking to two others."""
+    rng = random.Random(7)
+    vocabulary = WORDS + ["".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(4, 10)))
+                          for _ in range(20000)]
+    folders = max(1, count // 200)
+    for number in range(count):
+        folder, n = divmod(number, 200)
+        parts, size = [f"# Note {folder}-{n}\n"], 0
+        while size < 3900:
+            words = " ".join(rng.choice(vocabulary) if rng.random() < 0.3 else rng.choice(WORDS) for _ in range(80))
+            parts.append(f"\n## Section\n\n{words}.\n\n- see [[Note {rng.randrange(folders)}-{rng.randrange(200)}]]\n")
+            size += len(words) + 60
+        if number % 1000 == 0:
+            parts.append("\nzebrafish sighting\n")
+        write(os.path.join(base, f"area{folder:03d}", f"note{n:03d}.md"), "".join(parts))
+
+
+def large_folder(count):
+    """Measure the large-folder targets: start-up, search while and after indexing, memory."""
+    rows = []
+
+    def row(target, measured, limit, ratio_of, ok):
+        rows.append((target, measured, limit, ratio_of, "pass" if ok else "FAIL"))
+        print(f"  {target}: {measured} (target {limit}) -> {'pass' if ok else 'FAIL'}", file=sys.stderr)
+
+    base = tempfile.mkdtemp(prefix="mdserve-bench-large-")
+    try:
+        started = time.perf_counter()
+        build_large(base, count)
+        print(f"built {count:,} notes in {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        first = statistics.median(startup_seconds(base) for _ in range(3))
+        row("start-up to first 200", f"{first:.3f} s", "1 s", f"{first:.2f}x", first <= 1)
+        started = time.perf_counter()
+        server, port = start([os.path.join(HERE, "mdserve.py"), base, "-b", "127.0.0.1", "-p", "0"])
+        time.sleep(max(0.0, 1 - (time.perf_counter() - started)))
+        status, _, body, seconds = fetch(port, "/?q=zebrafish")
+        partial = re.search(rb"Indexing: [\d,]+ of [\d,]+ notes so far", body)
+        row("a search 1 s after start", f"{seconds * 1000:.0f} ms" + (" (says it is indexing)" if partial else ""),
+            "2 s", f"{seconds / 2:.2f}x", status == 200 and seconds <= 2)
+        peak = 0.0
+        while b"Indexing:" in fetch(port, "/?q=zebrafish")[2]:
+            peak = max(peak, rss_mb(server.pid))
+            time.sleep(0.5)
+        complete = time.perf_counter() - started
+        row("the index is complete", f"{complete:.0f} s", "90 s", f"{complete / 90:.2f}x", complete <= 90)
+        for name, path, limit in [("warm search, a rare word", "/?q=zebrafish", 50),
+                                  ("warm search, a word in every note", "/?q=note", 250),
+                                  ("warm search, one folder of 200 notes", "/area123/?q=quick", 50),
+                                  ("listing a 200-note folder", "/area123/", 20)]:
+            took = median_ms(port, path)
+            row(name, f"{took:.1f} ms", f"{limit} ms", f"{took / limit:.2f}x", took <= limit)
+        time.sleep(5)
+        idle = fetch(port, "/?q=quick+brown+fox")[3] * 1000
+        row("a search after 5 s idle", f"{idle:.1f} ms", "100 ms", f"{idle / 100:.2f}x", idle <= 100)
+        rss = rss_mb(server.pid)
+        row("server RSS (peak while indexing)", f"{rss:.0f} MB ({peak:.0f} MB)", "300 MB", f"{max(rss, peak) / 300:.2f}x",
+            max(rss, peak) <= 300)
+        word = "edit" + "".join(random.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(10))
+        with open(os.path.join(base, "area042", "note007.md"), "a", encoding="utf-8") as file:
+            file.write(f"\n{word}\n")
+        started = time.perf_counter()
+        while b"area042/note007.md" not in fetch(port, f"/?q={word}")[2] and time.perf_counter() - started < 30:
+            time.sleep(0.1)
+        found = time.perf_counter() - started
+        row("an edited note found by search", f"{found:.1f} s", "5 s", f"{found / 5:.2f}x", found <= 5)
+        stop(server)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    return print_table(rows)
 
 
 HEADER = ("target", "measured", "baseline", "ratio", "result")
