@@ -2184,3 +2184,72 @@ def test_browser_shows_a_callout_in_its_colour_folded_until_opened(serve, tmp_pa
         assert border, f"no orange callout border in the {name} page"
         heights[name] = max(border) - min(border)
     assert heights["open"] > 3 * heights["folded"], heights
+
+
+# The indexer ###################################################################
+
+def test_the_index_follows_edits_additions_deletions_and_renames(serve):
+    client = serve({"a.md": "# A\n\nplatypus here, see [[b]] #mammal\n", "b.md": "# B\n\nnothing\n"})
+    find = lambda query: main_of(client.get("/?q=" + urllib.parse.quote(query)))
+    assert "a.md" in find("platypus") and "a.md" in find("#mammal")
+    assert "Linked from" in main_of(client.get("/b.md"))
+    client.write("a.md", "# A\n\nwombat now\n")
+    client.write("c.md", "# C\n\nplatypus moved here, see [[b]]\n")
+    client.settle()
+    assert "a.md" in find("wombat") and "a.md" not in find("platypus") and "c.md" in find("platypus")
+    assert "a.md" not in find("#mammal")
+    assert 'href="/c.md">C</a>' in main_of(client.get("/b.md"))
+    os.remove(os.path.join(client.root, "a.md"))
+    os.rename(os.path.join(client.root, "c.md"), os.path.join(client.root, "renamed.md"))
+    client.settle()
+    assert "No notes" in find("wombat")
+    found = find("platypus")
+    assert "renamed.md" in found and "c.md" not in found
+    assert 'href="/renamed.md">C</a>' in main_of(client.get("/b.md"))
+
+
+def test_a_search_while_the_first_indexing_runs_answers_at_once_and_says_so(tmp_path):
+    root = tmp_path / "notes"
+    for n in range(3000):
+        write_file(str(root), f"f{n % 30}/n{n}.md", f"# N{n}\n\nquagga {n}\n")
+    write_file(str(root), "big.bin", os.urandom(64 * 2**20))
+    server = mdserve.make_server(str(root), log=io.StringIO())
+    threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()
+    port = server.server_address[1]
+    try:
+        slow = socket.create_connection(("127.0.0.1", port))  # a download nobody reads: a request in flight,
+        slow.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)  # so the indexer steps aside for it
+        slow.sendall(b"GET /big.bin HTTP/1.1\r\nHost: localhost\r\n\r\n")
+        time.sleep(0.2)
+        started = time.monotonic()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/?q=quagga")
+        response = connection.getresponse()
+        body = response.read().decode()
+        assert response.status == 200 and time.monotonic() - started < 1
+        assert re.search(r"Indexing: [\d,]+ of [\d,]+ notes so far", body), body[-500:]
+        listing = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        listing.request("GET", "/f7/")
+        assert listing.getresponse().status == 200   # listings never wait for the index
+        slow.close()
+        assert server.index.complete.wait(60)
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
+        connection.request("GET", "/?q=quagga")
+        body = connection.getresponse().read().decode()
+        assert "Indexing" not in body and "50+ notes" in body
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_index_lives_outside_the_notes_folder_and_goes_at_exit(serve, tmp_path):
+    client = serve(NOTES)
+    before = sorted(os.listdir(client.root))
+    folder = client.server.index.folder
+    assert not os.path.abspath(folder).startswith(os.path.abspath(client.root))
+    if os.name == "posix":
+        assert os.stat(folder).st_mode & 0o077 == 0   # private to this user
+    assert client.get("/?q=gardening").status == 200
+    assert sorted(os.listdir(client.root)) == before   # the notes folder is never written
+    client.server.server_close()
+    assert not os.path.exists(folder)
