@@ -1643,7 +1643,7 @@ class NoteIndex:
         self.files = collections.defaultdict(set)          # other files (attachments) by name, casefolded
         self.folders = collections.defaultdict(collections.Counter)  # folder -> its notes, by who may open them
         self.openers = collections.Counter()               # opener digest -> notes it opens
-        self.secret = os.urandom(32)
+        self.secret, self.digests = os.urandom(32), {}
         self.lock = threading.Lock()                       # for changes to the maps above
         self.generation = 0                                # changes whenever any note does (pages cache by it)
         self.total = self.done = self.dead = 0
@@ -1703,11 +1703,19 @@ class NoteIndex:
 
     def opener(self, password):
         """Return what stands for a password in memory and in the index: a keyed digest, so
-        a key is looked up without comparing it with each password (None: public)."""
+        a key is looked up without comparing it with each password (None: public).  Digests
+        are remembered (a bounded few: guesses must not fill memory) for the keys in use."""
         if password is None:
             return None
-        return hmac.new(self.secret, password.encode("utf-8", "surrogateescape"), "sha256").digest() \
-            if password else b""  # an empty password opens nothing: no digest equals b""
+        if not password:
+            return b""  # an empty password opens nothing: no digest equals b""
+        digest = self.digests.get(password)
+        if digest is None:
+            digest = hmac.new(self.secret, password.encode("utf-8", "surrogateescape"), "sha256").digest()
+            if len(self.digests) >= 1024:
+                self.digests.clear()
+            self.digests[password] = digest
+        return digest
 
     def opens_any(self, key):
         """True when key opens at least one private note the index knows of."""
@@ -2139,6 +2147,7 @@ def tags_of(note):
 
 # Key guard ###################################################################
 
+@functools.lru_cache(maxsize=4096)
 def client_of(address):
     """Return the name a client's guesses count under: its IPv4 address, or its IPv6 /64,
     the network one subscriber gets, so that a /64 does not give 2**64 fresh counters."""
@@ -2723,8 +2732,7 @@ class NoteHandler(BaseHTTPRequestHandler):
         so their ETag is the key's own (never the keyless page's)."""
         if self.key is None:
             return etag
-        tag = hmac.new(self.server.index.secret, self.key.encode("utf-8", "surrogateescape"), "sha256")
-        return f'{etag[:-1]}-{tag.hexdigest()[:12]}"'
+        return f'{etag[:-1]}-{self.server.index.opener(self.key)[:6].hex()}"'
 
     def validators(self, etag, mtime_ns, private):
         """Return the cache headers, ETag first.  Answers to a keyed request are never stored."""
