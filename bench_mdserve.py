@@ -229,10 +229,7 @@ def main(argv=None):
     if args.notes:
         return large_folder(args.notes)
     rows = []
-
-    def row(target, measured, baseline, ratio, ok):
-        rows.append((target, measured, baseline, ratio, "pass" if ok else "FAIL"))
-        print(f"  {target}: {measured} (baseline {baseline}) -> {'pass' if ok else 'FAIL'}", file=sys.stderr)
+    row = recorder(rows, "baseline")
 
     base = tempfile.mkdtemp(prefix="mdserve-bench-")
     try:
@@ -349,6 +346,14 @@ def main(argv=None):
     return print_table(rows)
 
 
+def recorder(rows, against):
+    """Return row(target, measured, baseline or limit, ratio, ok): adds a row and says it as it goes."""
+    def row(target, measured, compared, ratio, ok):
+        rows.append((target, measured, compared, ratio, "pass" if ok else "FAIL"))
+        print(f"  {target}: {measured} ({against} {compared}) -> {'pass' if ok else 'FAIL'}", file=sys.stderr)
+    return row
+
+
 def print_table(rows, header=None):
     header = header or HEADER
     widths = [max(len(str(r[i])) for r in rows + [header]) for i in range(5)]
@@ -381,10 +386,7 @@ def build_large(base, count):
 def large_folder(count):
     """Measure the large-folder targets: start-up, search while and after indexing, memory."""
     rows = []
-
-    def row(target, measured, limit, ratio_of, ok):
-        rows.append((target, measured, limit, ratio_of, "pass" if ok else "FAIL"))
-        print(f"  {target}: {measured} (target {limit}) -> {'pass' if ok else 'FAIL'}", file=sys.stderr)
+    row = recorder(rows, "target")
 
     base = tempfile.mkdtemp(prefix="mdserve-bench-large-")
     try:
