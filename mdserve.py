@@ -684,7 +684,7 @@ class GitHubBlocks(Preprocessor):
             self.close_leaf()
         if matched < len(self.stack):
             if self.leaf == ("paragraph",) and rest.strip() and not self.starts_block(rest):
-                return self.emit(rest.lstrip(), lazy=True)  # a lazy continuation line
+                return self.emit(rest.lstrip())  # a lazy continuation line
             self.close_containers(matched)
         rest = self.open_containers(rest)
         self.leaf_line(rest)
@@ -903,7 +903,7 @@ class GitHubBlocks(Preprocessor):
                 container.indent = 4 * container.depth  # what follows a blank line is a block of its own
         self.block_indent = None
 
-    def emit(self, content, lazy=False):
+    def emit(self, content):
         """Write a line of content with the prefix Python-Markdown needs for its containers."""
         prefix, indent = [], 0
         for container in self.stack:
@@ -1080,7 +1080,7 @@ class TaskLists(Treeprocessor):
             item.set("class", "task-list-item")
 
 
-CALLOUTS = {  # type: (colour, icon path in a 24x24 box); aliases below
+CALLOUTS = {  # callout name: (colour, icon path in a 24x24 box); aliases below
     "note": ("blue", "M12 20h9M16.5 3.5a2.1 2.1 0 0 1 3 3L7 19l-4 1 1-4Z"),
     "abstract": ("cyan", "M9 2h6v4H9zM5 4h4M15 4h4v18H5V4M9 12h6M9 16h6"),
     "info": ("blue", "M12 2a10 10 0 1 0 0 20 10 10 0 0 0 0-20ZM12 16v-4M12 8h0"),
