@@ -103,11 +103,10 @@ QUIET_PERIOD = 1800.0           # each half hour without a lock-out halves the n
 LOCKOUT_STEPS = 1 + math.ceil(math.log2(LONGEST_LOCKOUT / FIRST_LOCKOUT))   # doublings to the longest
 KNOWN_METHODS = {"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"}
 PASSWORD_LINE = re.compile(r"password:(.*)", re.IGNORECASE)
-HEADING = re.compile(r"#[ \t]+(.+?)(?:[ \t]+#+)?[ \t]*")
 REFUSED_PATH = re.compile(r"(^|/)\.(?!/|$)|[\\\0]")   # a dot-name, '..', a backslash or a NUL
 HTTP_VERSION = re.compile(r"HTTP/\d\.\d")
-VALUE_END = re.compile(r"[&;\s]")
-KEY_IN_LOG = re.compile(r"([?&;])([^=&;\s]*)=([^&;\s]*)")
+VALUE_END = re.compile(r"[&\s]")   # as query_params splits: a ';' is part of a key
+KEY_IN_LOG = re.compile(r"([?&;])([^=&;\s]*)=([^&\s]*)")
 # [[target#anchor|label]]; in a table the bar is written \| (Obsidian's rule), so a '\' before it is no name's
 WIKI_LINK = r"(!?)\[\[([^\[\]|\n]*?)\\?(?:\|([^\[\]\n]*))?\]\]"  # no [ inside: linear on "[[[[…"
 WIKI_PLACEHOLDER = re.compile(r'(<p>)?<a ((?:data-(?:embed|text|wiki)="[^"]*" ?)+)>(.*?)</a>(</p>)?', re.S)
@@ -115,11 +114,11 @@ TAG = r"#(?<![^\s(\[]#)([\w][\w/-]*)"  # '#' first: the regex engine then skips 
 CONTROL_CHARS = str.maketrans({c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))})
 
 # Polls its own URL (key included) with the ETag it was served with; reloads when that changes.
-RELOAD_SCRIPT = (
-    "(function(){var t=document.currentScript.dataset.etag;setInterval(function(){"
+RELOAD_SCRIPT = (  # a 429 (a wrong key, locked out) stops it: polling on would only prolong the lock-out
+    "(function(){var t=document.currentScript.dataset.etag,i=setInterval(function(){"
     "fetch(location.href,{method:'HEAD',cache:'no-store',headers:{'If-None-Match':t}})"
-    ".then(function(r){if(r.status==200||r.status==403||r.status==404)location.reload()},"
-    "function(){})},1000)})();")
+    ".then(function(r){if(r.status==429)clearInterval(i);"
+    "else if(r.status==200||r.status==403||r.status==404)location.reload()},function(){})},1000)})();")
 RELOAD_HASH = "sha256-" + base64.b64encode(hashlib.sha256(RELOAD_SCRIPT.encode()).digest()).decode()
 
 # No script but our own reload poll (by hash), nothing from another origin, no key in a Referer.
@@ -289,13 +288,20 @@ def split_front_matter(text):
         key = {"alias": "aliases", "tag": "tags"}.get(pair.group(1).lower(), pair.group(1).lower()) if pair else None
         if key in ("aliases", "tags"):
             value = pair.group(2).strip().strip("[]")
-            fields.setdefault(key, []).extend(
-                unquoted(v) for v in re.split(r",|\s+(?=#)" if key == "tags" else ",", value) if v.strip())
+            items = value.replace(",", " ").split() if key == "tags" else value.split(",")  # tags have no spaces
+            fields.setdefault(key, []).extend(unquoted(v) for v in items if v.strip())
         elif key == "title" and pair.group(2).strip():
             fields["title"] = unquoted(pair.group(2))
     if "tags" in fields:
         fields["tags"] = [t.lstrip("#") for tag in fields["tags"] for t in tag.split() if t.lstrip("#")]
     return text[4 + end.end():].lstrip("\n"), fields
+
+
+def heading_text(text):
+    """Return an ATX heading's text without its closing #s (string work: no regex to backtrack)."""
+    text = text.strip()
+    bare = text.rstrip("#")
+    return bare.rstrip() if bare != text and (not bare or bare[-1] in " \t") else text
 
 
 def unquoted(value):
@@ -304,7 +310,7 @@ def unquoted(value):
 
 
 PLAIN_TEXT = (  # markdown markup and what it stands for in plain text, in this order
-    (re.compile(r"%%.*?%%|<!--.*?-->", re.S), " "),                          # comments
+    (re.compile(r"%%(?:(?!%%).)*%%|<!--(?:(?!<!--).)*?-->", re.S), " "),     # comments (each scan stops at the next)
     (re.compile(r"^[ \t]*(?:`{3,}|~{3,}).*$", re.M), " "),                   # code fences
     (re.compile(r"!?\[\[([^\[\]|\n]*?)(?:\\?\|([^\[\]\n]*))?\]\]"), lambda m: m.group(2) or m.group(1)),  # wiki links
     (re.compile(r"!?\[([^\[\]\n]*)\]\((?:[^()\s]|\([^()\s]*\))*(?:\s+\"[^\"]*\")?\)"), r"\1"),  # links, images
@@ -314,7 +320,8 @@ PLAIN_TEXT = (  # markdown markup and what it stands for in plain text, in this 
                 r"|\d+[.)][ \t]+|\[\^[^\]]+\]:[ \t]*)", re.M), ""),           # block markers
     (re.compile(r"^[ \t]*\|?(?:[ \t]*:?-+:?[ \t]*\|)+[ \t]*:?-*:?[ \t]*$", re.M), " "),  # table rules
     (re.compile(r"\{[#.:][^}\n]*\}|[ \t]\^[A-Za-z0-9-]+$", re.M), ""),       # attribute lists, block ids
-    (re.compile(r"(\*{1,3}|_{1,3}|~~|==|`+)(?=\S)(.*?\S)\1"), r"\2"),       # emphasis, struck, marked, code
+    (re.compile(r"(?<![*_~=`])(\*{1,3}|_{1,3}|~~|==|`+)(?![*_~=`\s])(.{0,2000}?\S)\1"), r"\2"),  # emphasis,
+    # struck, marked, code: from a run's start, with a bounded reach, so linear on "****…"
     (re.compile(r"[|]"), " "),                                                # table cells
 )
 
@@ -337,9 +344,8 @@ def first_heading(text):
         elif stripped.startswith(("```", "~~~")):
             fence = stripped[:3]
         elif not line.startswith("    "):
-            match = HEADING.fullmatch(stripped)
-            if match:
-                return plain_text(match.group(1)).strip() or None
+            if stripped.startswith(("# ", "#\t")):
+                return plain_text(heading_text(stripped[1:])).strip() or None
             if previous and re.fullmatch(r"=+", stripped):
                 return plain_text(previous).strip() or None
             previous = stripped if stripped and not re.match(r"[-*+>#|]|\d+[.)]", stripped) else ""
@@ -549,9 +555,12 @@ def is_utf8(name):
 REFUSED_TAGS = ("script", "style", "iframe", "object", "embed", "base", "meta", "link", "form", "frame",
                 "frameset", "noscript", "title", "textarea", "xmp", "noembed", "noframes", "plaintext")
 REFUSED_TAG = re.compile(r"<(/?(?:%s))(?=[\s/>]|$)" % "|".join(REFUSED_TAGS), re.I)
-CODE_SPAN = re.compile(r"(`+)(?!`)[^\n]{0,2000}?(?<!`)\1(?!`)")  # bounded: linear on a line of backticks
-URL_ATTRIBUTES = {"href", "src", "action", "formaction", "xlink:href", "background", "poster", "cite", "data",
-                  "codebase", "longdesc", "lowsrc", "dynsrc", "ping", "srcset", "usemap", "manifest"}
+CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)[^\n]{0,2000}?(?<!`)\1(?!`)")  # a run's start only, a bounded reach:
+# linear on a line of backticks (one regex call is one C call: no watchdog can stop it midway)
+# Attributes that could run script, load a document into the page, or send the key away in
+# a Referer (referrerpolicy overrides the page's no-referrer).  Any attribute whose value is
+# a script URL goes too: SVG animations set an href from "values", "to" or "from".
+REFUSED_ATTRIBUTES = {"srcdoc", "formaction", "referrerpolicy", "ping", "http-equiv"}
 DANGEROUS_URL = re.compile(r"(?:javascript|vbscript|livescript|data(?!:image/(?:png|gif|jpe?g|webp)[;,])):", re.I)
 HTML_TAG = re.compile(r"""<(/?)([A-Za-z][\w:-]*)((?:[^<>"']|"[^<"]*"|'[^<']*')*)>|<!--.*?-->""", re.S)  # no '<' inside:
 # linear on "<a <a <a …" (one regex call is one C call: the render watchdog cannot stop it midway)
@@ -589,6 +598,13 @@ def refuse_tags(text):
     return "".join(out)
 
 
+def safe_attribute(name, value):
+    """False for an attribute a note's HTML may not keep: an event handler, one in
+    REFUSED_ATTRIBUTES, or any whose value is a script URL."""
+    name = name.lower()
+    return not (name.startswith("on") or name in REFUSED_ATTRIBUTES or (value and not safe_url(value)))
+
+
 def is_punctuation(character):
     return not (character.isalnum() or character.isspace())
 
@@ -608,8 +624,8 @@ def clean_html(fragment):
         out.append(fragment[position:match.start()].replace("<", "&lt;"))
         position = match.end()
         closing, name = match.group(1), match.group(2)
-        if name is None:  # a comment
-            out.append(match.group(0))
+        if name is None:  # a comment: emptied, since browsers end one at "<!-->" or "--!>"
+            out.append("<!-- -->")
         elif name.lower() in REFUSED_TAGS:
             out.append("&lt;" + match.group(0)[1:])
         elif closing:
@@ -618,12 +634,10 @@ def clean_html(fragment):
             attributes = []
             for attribute in HTML_ATTRIBUTE.finditer(match.group(3)):
                 name_as_written, value = attribute.group(1), attribute.group(2)
-                key = name_as_written.lower()
                 value = value[1:-1] if value and value[0] in "\"'" else value
-                if key.startswith("on") or key == "srcdoc" or (key in URL_ATTRIBUTES and value and not safe_url(value)):
-                    continue
-                attributes.append(name_as_written if value is None else
-                                  f'{name_as_written}="{html.escape(html.unescape(value))}"')
+                if safe_attribute(name_as_written, value):
+                    attributes.append(name_as_written if value is None else
+                                      f'{name_as_written}="{html.escape(html.unescape(value))}"')
             end = "/>" if match.group(3).rstrip().endswith("/") else ">"
             out.append(f"<{name}{''.join(' ' + a for a in attributes)}{end}")
     out.append(fragment[position:].replace("<", "&lt;"))
@@ -1200,15 +1214,15 @@ def trim_url(url):
             return url
 
 
-class SafeLinks(Treeprocessor):
-    """[x](javascript:…) and its kind lose their URL; the CSP is the second line of defence."""
+class SafeAttributes(Treeprocessor):
+    """[x](javascript:…) loses its URL, and {: onclick=…} (attr_list) its attribute: run last,
+    after every other extension has added what it adds.  The CSP is the second line of defence."""
 
     def run(self, root):
         for element in root.iter():
-            for attribute in ("href", "src"):
-                value = element.get(attribute)
-                if value is not None and not safe_url(value):
-                    del element.attrib[attribute]
+            for name, value in list(element.attrib.items()):
+                if not safe_attribute(name, value):
+                    del element.attrib[name]
 
 
 class SafeRawHtml(Postprocessor):
@@ -1246,7 +1260,7 @@ class GitHubDialect(Extension):
         md.treeprocessors.register(BlockIds(md), "block_ids", 28)
         md.treeprocessors.register(ImageSizes(md), "image_sizes", 16)
         md.treeprocessors.register(BareLinks(md), "bare_links", 15)
-        md.treeprocessors.register(SafeLinks(md), "safe_links", 14)
+        md.treeprocessors.register(SafeAttributes(md), "safe_attributes", 1)  # after attr_list (8), toc (5)
         md.postprocessors.register(SafeRawHtml(md), "safe_raw_html", 35)
 
 
@@ -1335,6 +1349,7 @@ def render_markdown(text):
 
 
 EMBED_DEPTH = 3        # a note embedded in a note embedded in a note, and no deeper
+EMBED_BUDGET = 20      # notes included in one page at most: past that, links
 IMAGE_FILES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg", ".bmp", ".avif", ".ico")
 AUDIO_FILES = (".mp3", ".wav", ".ogg", ".oga", ".m4a", ".flac", ".opus")
 VIDEO_FILES = (".mp4", ".webm", ".ogv", ".mov", ".mkv")
@@ -1350,6 +1365,7 @@ class Linker:
 
     def __init__(self, handler):
         self.handler, self.index, self.key = handler, handler.server.index, handler.key
+        self.budget = EMBED_BUDGET
 
     def resolve(self, article, rel, depth=0, seen=()):
         """Return article with every placeholder in it made real, as seen from the note rel."""
@@ -1362,8 +1378,8 @@ class Linker:
         name, _, anchor = html.unescape(attributes["data-wiki"]).partition("#")
         found = self.lookup(name, rel)
         if "data-embed" in attributes:
-            made, block = self.embed(found, anchor, html.unescape(attributes["data-embed"]), attributes["data-text"],
-                                     depth, seen)
+            made, block = self.embed(found, name, rel, anchor, html.unescape(attributes["data-embed"]),
+                                     attributes["data-text"], depth, seen)
         else:
             made, block = self.link(found, name, anchor, match.group(3), attributes["data-text"]), False
         if block and match.group(1) and match.group(4):
@@ -1373,13 +1389,16 @@ class Linker:
     def lookup(self, name, rel):
         """Return (relative path, real path, kind, Note or None) of what a link names, or None."""
         handler = self.handler
-        target = self.index.find(name, rel.rpartition("/")[0]) if name.strip() else rel
+        target = self.index.find(name, rel.rpartition("/")[0], self.key) if name.strip() else rel
         if target is None:
             return None
         try:  # as the file is now, not as last indexed
             kind, real, status = locate(handler.server.root, quote_url("/" + target), handler.server.forbidden)
         except HTTPError:
             return None
+        if kind == "file":  # a file whose first line is a password line is as private as a note
+            password = password_in(real)
+            return target, real, kind, None if password is None else Note(target, password, None, 0, 0)
         return target, real, kind, handler.note(real, status) if kind == "note" else None
 
     def link(self, found, name, anchor, label, written):
@@ -1393,23 +1412,26 @@ class Linker:
         shown = " > ".join(part for part in [name.strip()] + anchor.split("#") if part)
         return f'<a class="wikilink" href="{html.escape(href)}">{label or html.escape(shown)}</a>'
 
-    def embed(self, found, anchor, option, written, depth, seen):
+    def embed(self, found, name, rel, anchor, option, written, depth, seen):
         """Return (HTML, is it a block) for an embed: an image, a player, a link to another
         kind of file, or the note (or its heading's section, or its block) included."""
         if found is None:
+            if self.key is not None and self.index.find(name, rel.rpartition("/")[0], private_too=True):
+                self.handler.refused = True  # a private note by that name: including it is asking for it
             return f'<span class="broken" title="Nothing to embed by that name">{written}</span>', False
         target, real, kind, note = found
         source = html.escape("/" + quote_url(target))
-        if kind == "file":
-            return media(source, target, option), False
         if note is not None and not may_open(note.password, self.key):
             if self.key is not None:
                 self.handler.refused = True  # including a private note is asking for it
             return f'<span class="broken" title="Nothing to embed by that name">{written}</span>', False
         key = self.handler.key_query() if note is not None and note.password is not None else ""
+        if kind == "file":
+            return media(source + html.escape(key), target, option), False
         title = f'<a href="{source}{html.escape(key + fragment(anchor))}">{html.escape(note.title)}</a>'
-        if depth >= EMBED_DEPTH or target in seen:  # deep enough, or a loop: a link instead
-            return f'<p class="embed-title">{title}</p>', True
+        if depth >= EMBED_DEPTH or target in seen or self.budget <= 0:  # deep enough, a loop, or enough
+            return f'<p class="embed-title">{title}</p>', True            # for one page: a link instead
+        self.budget -= 1
         note, article = self.handler.article(real, target, note)
         body = section(article_body(article), anchor)
         body = self.resolve(body, target, depth + 1, seen)
@@ -1511,6 +1533,7 @@ def highlight(text, words):
 def snippet(text, words, width=90):
     """Return an escaped, highlighted excerpt of text, as plain text (no markup, a link as
     its text), around the first of words it holds."""
+    text = strip_comments(text)  # a comment cut in two by the window would show
     lowered = text.casefold()
     found = [i for i in (lowered.find(w.casefold()) for w in words) if i >= 0]
     at = min(found) if found else 0
@@ -1752,12 +1775,14 @@ class NoteIndex:
                 continue
         return not private
 
-    def find(self, written, folder):
+    def find(self, written, folder, key=None, private_too=False):
         """Return the relative path of the note or file a wiki link names, found as Obsidian
         finds it: a path from the linking note's folder for ./ and ../; else by name, any
         case, a note's .md optional, another file's extension not: in the linking note's
         folder first, then the one with the fewest folders.  A name with folders must match
-        the end of a path.  Failing all that, a note whose front matter gives it that alias."""
+        the end of a path.  Failing all that, a note whose front matter gives it that alias.
+        Notes this key does not open are not candidates (unless private_too): a private note
+        must not shadow a public one, or its existence would show."""
         target = written.strip().replace("\\", "/")
         if target.startswith(("./", "../")):
             path = posixpath.normpath(posixpath.join(folder, target))
@@ -1775,8 +1800,8 @@ class NoteIndex:
                 wanted = note_stem(target.casefold())
                 pool = {r for r in pool if note_stem(r.casefold()) == wanted
                         or note_stem(r.casefold()).endswith("/" + wanted)}
-            if not pool:
-                pool = set(self.aliases.get(target.casefold(), ()))
+            seen = (lambda r: r not in self.notes or private_too or may_open(self.notes[r].password, key))
+            pool = set(filter(seen, pool)) or set(filter(seen, self.aliases.get(target.casefold(), ())))
         ranked = sorted(pool, key=lambda r: (r.rpartition("/")[0] != folder, r.count("/"), r))
         return ranked[0] if ranked else None
 
@@ -1797,9 +1822,9 @@ class NoteIndex:
                     rows += db.execute("SELECT n.path, l.target FROM links AS l JOIN notes AS n ON n.row = l.row "
                                        "WHERE l.stem = ? AND l.opener = ? LIMIT 1000", (name, opener)).fetchall()
                 for source, target in rows:
-                    note = self.notes.get(source)
-                    if source != rel and note is not None and source not in found and (
-                            target == "/" + rel or self.find(target, source.rpartition("/")[0]) == rel):
+                    note = self.notes.get(source)  # as last read: a note made private since is private now
+                    if source != rel and note is not None and source not in found and may_open(note.password, key) \
+                            and (target == "/" + rel or self.find(target, source.rpartition("/")[0], key) == rel):
                         found[source] = note.title
         finally:
             self.readers.put(db)
@@ -2093,13 +2118,23 @@ def note_stem(name):
     return name
 
 
-LINK_IN_TEXT = re.compile(r"\[\[([^\[\]|#\n]*)[^\[\]\n]*\]\]|\]\(<?([^)\s<>]+)>?(?:\s+\"[^\"]*\")?\)")
-FENCED_CODE = re.compile(r"^[ \t]*(`{3,}|~{3,}).*?^[ \t]*\1[ \t]*$", re.M | re.S)
+LINK_IN_TEXT = re.compile(r"\[\[([^\[\]|#\n]*)[^\[\]\n]*\]\]|\]\(<?([^()\[\]\s<>]{1,2000})>?(?:\s+\"[^\"\n]{0,500}\")?\)")
 
 
 def without_fenced_code(text):
     """Return text without its fenced code blocks (a link or a tag in code is neither)."""
-    return FENCED_CODE.sub("", text) if "```" in text or "~~~" in text else text
+    if "```" not in text and "~~~" not in text:
+        return text
+    kept, fence = [], None
+    for line in text.split("\n"):
+        stripped = line.lstrip()
+        if fence is None and stripped.startswith(("```", "~~~")):
+            fence = stripped[:3]
+        elif fence is not None and stripped.startswith(fence) and not stripped.strip(fence[0]):
+            fence = None
+        elif fence is None:
+            kept.append(line)
+    return "\n".join(kept)
 
 
 def strip_comments(text):
@@ -2173,10 +2208,11 @@ def in_networks(address, networks):
 
 
 def forwarded_chain(headers):
-    """Return the client addresses a proxy reports, first hop first: from Forwarded (RFC 7239)
-    or else X-Forwarded-For."""
+    """Return the client addresses a proxy reports, first hop first: from X-Forwarded-For,
+    which nginx, Caddy and the like append to; only without it from Forwarded (RFC 7239).
+    A proxy that appends to one header passes the other on as the client wrote it."""
     forwarded = headers.get("forwarded")
-    if forwarded:
+    if forwarded and "x-forwarded-for" not in headers:
         chain = []
         for element in forwarded.split(","):
             for pair in element.split(";"):
@@ -2310,7 +2346,7 @@ class NoteHandler(BaseHTTPRequestHandler):
         self.reader.budget = MAX_HEADER_BYTES + MAX_REQUEST_LINE
         self.requestline, self.request_version, self.command = "", "", ""
         self.key, self.url_path, self.query, self.headers = None, "/", {}, {}
-        self.guesser, self.refused = None, False
+        self.guesser, self.refused, self.key_opened = None, False, False
         try:
             self.raw_requestline = self.rfile.readline(MAX_REQUEST_LINE + 1)
             if not self.raw_requestline:
@@ -2363,7 +2399,8 @@ class NoteHandler(BaseHTTPRequestHandler):
             self.send_error(500)
         finally:
             self.server.in_flight.discard(self)
-            if self.guesser is not None and not self.refused and self.server.index.opens_any(self.key):
+            if self.guesser is not None and not self.refused and (self.key_opened or
+                                                                  self.server.index.opens_any(self.key)):
                 self.server.guard.forgive(self.guesser)  # a right key: nothing was guessed
 
     # -- request → path guard → note ------------------------------------------
@@ -2401,10 +2438,12 @@ class NoteHandler(BaseHTTPRequestHandler):
         that works, a lock mark, a search hit), so a key that opens nothing counts as a
         wrong guess whatever was asked for.  Keyed requests that a browser marks as sent by
         another site count apart, so eleven <img> tags elsewhere cannot lock the owner out;
-        those that are not navigations (images, scripts, fetches) are refused uncounted."""
+        those that are not a top-level navigation (images, frames, scripts, fetches; no page
+        of ours may be framed anyway) are refused uncounted."""
         self.guesser = self.client_name()
         if self.headers.get("sec-fetch-site", "none") not in ("none", "same-origin"):
-            if self.headers.get("sec-fetch-mode", "navigate") != "navigate":
+            if self.headers.get("sec-fetch-mode", "navigate") != "navigate" or \
+                    self.headers.get("sec-fetch-dest", "document") != "document":
                 self.guesser = None
                 raise HTTPError(403, "A key is only taken from a link you open, not from another site's page.")
             self.guesser += " (cross-site)"
@@ -2438,6 +2477,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         does not open.  A folder with a readable index.md or README.md means that note."""
         root = self.server.root
         kind, real, status = locate(root, url_path, self.server.forbidden, self.server.real_paths)
+        if kind == "folder" and real != root and not self.server.index.folder_visible(relative(root, real), self.key):
+            raise HTTPError(404)  # a folder of notes all private to this request: as if it were not there
         if kind == "folder" and url_path.endswith("/") and not self.query.get("q", "").strip():
             for name in INDEX_NAMES:
                 try:
@@ -2487,7 +2528,7 @@ class NoteHandler(BaseHTTPRequestHandler):
             folder = rel.rpartition("/")[0]
             main = self.tag_links_keyed(main) + self.footer(note, rel)
             cached = self.page(f"{note.title} · {self.folder_name(folder)}", main, folder,
-                               etag=self.validator(etag)), etag
+                               etag=self.reload_etag(etag)), etag
             if cacheable:
                 server.cache.put(cache_key, cached, len(cached[0]))
         body, etag = cached
@@ -2682,6 +2723,7 @@ class NoteHandler(BaseHTTPRequestHandler):
             password = password_of(first.decode("utf-8", "replace"))
             if not may_open(password, self.key):
                 self.refuse()
+            self.key_opened = password is not None  # a right key for a private file is no guess
             skip = len(first) + 1 if password is not None else 0
             length = status.st_size - skip
             etag = f'W/"{status.st_mtime_ns:x}-{status.st_size:x}-{self.server.salt}"'
@@ -2726,6 +2768,11 @@ class NoteHandler(BaseHTTPRequestHandler):
                     self.server.cache.put(gzip_key, zipped, len(zipped))
             body, headers = zipped, headers + [("Vary", "Accept-Encoding"), ("Content-Encoding", "gzip")]
         self.send_body(body, content_type, headers=headers, file=file)
+
+    def reload_etag(self, etag):
+        """Return the ETag a page's reload poll sends, or None for no poll: not with a key that
+        opens nothing (each poll would count as one more wrong key)."""
+        return self.validator(etag) if self.key is None or self.server.index.opens_any(self.key) else None
 
     def validator(self, etag):
         """Return the ETag as sent: answers to a keyed request carry the key in their links,
