@@ -188,7 +188,8 @@ margin:1rem 0;font-size:.92rem}.contents ul{margin:.2rem 0;padding-left:1.1rem}.
 .list .dir a{font-weight:600}.lock{vertical-align:-2px;margin-right:.25rem;color:var(--muted)}
 .broken{color:var(--bad);text-decoration:underline dotted;cursor:help}
 .meta{margin-top:3rem;border-top:1px solid var(--line);padding-top:.6rem}
-form.key input{font:inherit;padding:.3rem .6rem;margin-right:.4rem}
+form.key input,form.key button{font:inherit;padding:.3rem .7rem;margin-right:.4rem;border:1px solid var(--line);
+border-radius:6px;background:var(--bg);color:var(--fg)}form.key button{background:var(--link);color:#fff;border:0}
 @media print{header,.meta,.headerlink,.contents,.backlinks{display:none}body{font-size:11pt;background:#fff;color:#000}
 main{max-width:none;padding:0}pre,table{overflow:visible}a{color:inherit}}
 """
@@ -318,8 +319,8 @@ PLAIN_TEXT = (  # markdown markup and what it stands for in plain text, in this 
     (re.compile(r"</?[A-Za-z][^<>\n]{0,2000}>"), " "),                       # tags
     (re.compile(r"^[ \t]*(?:#{1,6}[ \t]+|(?:>[ \t]?)+(?:\[![\w-]+\][+-]?[ \t]*)?|[-*+][ \t]+(?:\[[ xX]\][ \t]+)?"
                 r"|\d+[.)][ \t]+|\[\^[^\]]+\]:[ \t]*)", re.M), ""),           # block markers
-    (re.compile(r"^[ \t]*\|?(?:[ \t]*:?-+:?[ \t]*\|)+[ \t]*:?-*:?[ \t]*$", re.M), " "),  # table rules
-    (re.compile(r"\{[#.:][^}\n]*\}|[ \t]\^[A-Za-z0-9-]+$", re.M), ""),       # attribute lists, block ids
+    (re.compile(r"^[ \t]*(?:\|[ \t]*)?:?-+:?[ \t]*(?:\|[ \t]*:?-+:?[ \t]*)*\|?[ \t]*$", re.M), " "),  # table rules
+    (re.compile(r"\{[#.:][^{}\n]{0,500}\}|[ \t]\^[A-Za-z0-9-]+$", re.M), ""),  # attribute lists, block ids
     (re.compile(r"(?<![*_~=`])(\*{1,3}|_{1,3}|~~|==|`+)(?![*_~=`\s])(.{0,2000}?\S)\1"), r"\2"),  # emphasis,
     # struck, marked, code: from a run's start, with a bounded reach, so linear on "****…"
     (re.compile(r"[|]"), " "),                                                # table cells
@@ -838,6 +839,10 @@ class GitHubBlocks(Preprocessor):
             return self.end_html_if_done(rest)
         if self.leaf == ("paragraph",) and self.table_starts(rest):
             self.emit_blank()  # "Text\n| a | b |": GitHub makes a table of it
+        if ATX_HEADING.match(rest):  # spaces run together, as a page shows them anyway: the heading
+            level = rest.lstrip().partition(" ")[0]  # regex cannot then backtrack through thousands of them
+            self.close_leaf()
+            return self.emit(refuse_tags(" ".join([level] + heading_text(rest.lstrip()[len(level):]).split())))
         self.leaf = ("paragraph",)
         self.emit(refuse_tags(rest.lstrip()))  # trailing spaces kept: two of them break the line
 
@@ -1156,7 +1161,8 @@ class BareLinks(Treeprocessor):
     """https://… and www.… in text become links, trailing punctuation left out (GFM's
     extended autolinks; the rules are the GFM spec's)."""
     URL = re.compile(r"(?<![^\s*_~(])(?:https?://|www\.)[^\s<\x02\x03]+")  # at a line's start, or after a space or *_~(
-    EMAIL = re.compile(r"(?<![^\s*_~(])[\w.+-]+@[\w-]+(?:\.[\w-]+)+(?<![-_])\b")
+    EMAIL = re.compile(r"(?<![^\s*_~(])[\w.+-]{1,64}@[\w-]{1,63}(?:\.[\w-]{1,63}){1,8}(?<![-_])\b")  # bounded:
+    # linear on "____…", where every character may start one
     SKIP = {"a", "code", "pre", "kbd", "script", "style", "span"}
 
     def run(self, root):
@@ -1539,10 +1545,14 @@ def snippet(text, words, width=90):
     at = min(found) if found else 0
     begin = text.rfind("\n", 0, max(0, at - 300)) + 1    # whole lines, so no construct is cut in two
     end = text.find("\n", at + 600)
-    plain = " ".join(plain_text(text[begin:end if end >= 0 else len(text)]).split())
+    window = text[begin:end if end >= 0 else len(text)]
+    if begin == 0 and window.startswith("# "):  # the title: the result shows it already
+        window = window.partition("\n")[2]
+    plain = " ".join(plain_text(window).split())
     lowered = plain.casefold()
     found = [i for i in (lowered.find(w.casefold()) for w in words) if i >= 0]
     start = max(0, min(found) - width // 3) if found else 0
+    start = plain.rfind(" ", 0, start) + 1 if start else 0  # whole words
     excerpt = plain[start:start + width * 2]
     more = start + width * 2 < len(plain) or end >= 0
     return ("…" if start or begin else "") + highlight(excerpt, words) + ("…" if more else "")
@@ -3229,7 +3239,9 @@ def markdown_problem():
         return f"the markdown package is not installed. Get it with: {get}"
     version = tuple(getattr(markdown, "__version_info__", (0, 0))[:2])
     if version < MIN_MARKDOWN:
-        return f"markdown {getattr(markdown, '__version__', '?')} is too old. Get a newer one with: {get}"
+        newer = ("python -m pip install --upgrade 'markdown>={0}' (or in a venv; or run it with: uv run mdserve.py, "
+                 "or pipx run mdserve.py)").format(".".join(map(str, MIN_MARKDOWN)))
+        return f"markdown {getattr(markdown, '__version__', '?')} is too old. Get a newer one with: {newer}"
     return None
 
 
@@ -3241,7 +3253,8 @@ def main(argv=None):
     parser.add_argument("folder", nargs="?", default=".", metavar="DIR", help="folder of notes (default: .)")
     parser.add_argument("-p", "--port", type=int, default=8000, help="port (default: 8000; 0 picks a free one)")
     parser.add_argument("-b", "--bind", default="0.0.0.0", metavar="ADDRESS",
-                        help="address to listen on (default: all interfaces; 127.0.0.1 keeps it to this machine)")
+                        help="address to listen on (default: all interfaces; 127.0.0.1 keeps it to this machine; "
+                             ":: is every IPv6 and IPv4 address)")
     parser.add_argument("--no-reload", action="store_true", help="do not reload open pages when their note changes")
     parser.add_argument("--cache-mb", type=float, default=64, metavar="MB",
                         help="memory for rendered pages, in MB (default: 64)")
@@ -3250,7 +3263,8 @@ def main(argv=None):
     parser.add_argument("--tls-cert", metavar="FILE", help="serve HTTPS with this certificate (PEM)")
     parser.add_argument("--tls-key", metavar="FILE", help="the certificate's private key (PEM)")
     parser.add_argument("--max-connections", type=int, default=256, metavar="N",
-                        help="open connections at once (default: 256)")
+                        help="open connections at once, a quarter of them at most from one client; past "
+                             "that, 503 (default: 256)")
     parser.add_argument("--timeout", type=float, default=10, metavar="SECONDS",
                         help="seconds a client may be idle or take to send a request (default: 10)")
     parser.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
@@ -3275,8 +3289,13 @@ def main(argv=None):
         parser.error(f"port {args.port} is not between 0 and 65535")
     if bool(args.tls_cert) != bool(args.tls_key):
         parser.error("--tls-cert and --tls-key go together")
-    if min(args.cache_mb, args.max_note_mb, args.timeout) <= 0 or args.max_connections < 1:
-        parser.error("--cache-mb, --max-note-mb, --timeout and --max-connections must be positive")
+    for flag, value, most in (("--cache-mb", args.cache_mb, 2**20), ("--max-note-mb", args.max_note_mb, 2**10),
+                              ("--timeout", args.timeout, 86400), ("--max-connections", args.max_connections, 10**5)):
+        if not 0 < value <= most:  # also false for nan
+            parser.error(f"{flag} {value}: must be more than 0 and at most {most}")
+    for tls_file in filter(None, (args.tls_cert, args.tls_key)):
+        if not os.path.isfile(tls_file) or not os.access(tls_file, os.R_OK):
+            parser.error(f"{tls_file}: no such file, or it cannot be read")
     for proxy in args.trusted_proxy:
         try:
             ipaddress.ip_network(proxy, strict=False)
@@ -3311,6 +3330,9 @@ def main(argv=None):
         server.serve_forever()
     except KeyboardInterrupt:
         pass
+    if threading.current_thread() is threading.main_thread():  # a second Ctrl+C does not cut the stop short
+        for stop_signal in (signal.SIGINT, signal.SIGTERM):
+            signal.signal(stop_signal, signal.SIG_IGN)
     server.stop()
     print("mdserve: stopped", flush=True)
     return 0

@@ -1768,7 +1768,8 @@ def test_without_a_usable_markdown_one_line_says_what_to_install(tmp_path, sourc
     assert result.returncode == 2 and result.stdout == ""
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and says in lines[0] and "pip install" in lines[0] and "Traceback" not in result.stderr
-    assert "apt install python3-markdown" in lines[0] and "uv run" in lines[0] and "markdown>=3.3" in lines[0]
+    assert "uv run" in lines[0] and "markdown>=3.3" in lines[0]
+    assert ("apt install python3-markdown" in lines[0]) == (says == "not installed")  # apt's is too old somewhere
 
 
 def test_a_console_that_cannot_show_the_folder_name_gets_question_marks(tmp_path):
