@@ -2254,3 +2254,117 @@ def test_the_index_lives_outside_the_notes_folder_and_goes_at_exit(serve, tmp_pa
     assert sorted(os.listdir(client.root)) == before   # the notes folder is never written
     client.server.server_close()
     assert not os.path.exists(folder)
+
+
+# Found by a hostile review #######################################################
+
+def test_behind_real_nginx_a_forged_forwarded_header_changes_nothing(serve, nginx_in_front):
+    client = serve(NOTES, clock=FakeClock(), trusted_proxies=["127.0.0.1"])
+    port = nginx_in_front(client.port)
+    for n in range(10):
+        get_from("127.0.0.2", port, f"/private.md?access_key=x{n}", [("Forwarded", f"for=10.8.0.{n}")])
+    assert get_from("127.0.0.2", port, "/private.md?access_key=1234", [("Forwarded", "for=10.9.9.9")])[0] == 429
+
+
+ADVERSARIAL = {  # each a single regex call that took seconds before: the indexer, a render or a search froze
+    "links.md": "](" * 20000, "heading.md": "# a" + " " * 40000 + "b\n", "tags.md": "---\ntags: a" + " " * 40000 + "b\n---\nx",
+    "ticks.md": "`" * 40000, "fences.md": "```x\n" * 8000, "comments.md": "<!--" * 10000 + "%%" * 10000,
+    "mails.md": "_" * 40000, "attrs.md": "{:" * 20000, "spaces.md": "%%%%" * 10000 + "\n| --- |" + " " * 40000,
+}
+
+
+def test_adversarial_notes_do_not_stall_the_indexer_searches_or_pages(serve):
+    started = time.monotonic()
+    client = serve(dict(ADVERSARIAL, **{"ok.md": "# Fine\n\nwombat\n"}))   # serve() waits for the first index
+    assert time.monotonic() - started < 5
+    for path in list(ADVERSARIAL) + ["?q=wombat", "?q=a", "?q=b+x"]:
+        started = time.monotonic()
+        response = client.get("/" + path)
+        assert response.status == 200 and time.monotonic() - started < 6, path
+
+
+def test_backlinks_hide_a_note_made_private_at_once(serve):
+    client = serve({"p.md": "# P\n", "s.md": "# Plain S\n\n[[p]]\n"})
+    client.settle()
+    assert "Plain S" in main_of(client.get("/p.md"))
+    client.write("s.md", "password: sk\n# Merger with ACME\n\n[[p]]\n")
+    assert client.get("/s.md").status == 403   # the server now knows s.md is private
+    page = client.get("/p.md")
+    assert "Merger" not in page.text and "s.md" not in main_of(page)
+
+
+@pytest.mark.parametrize("markdown_text", [
+    '<!--><img src=x onerror="alert(1)">-->', "text <!-- --!><img src=x onerror=alert(1)> --> text",
+    '![a](nope.png){: onerror="alert(1)" }', '[x](https://e.org){: href="javascript:alert(1)" }',
+    '<svg><a><animate attributeName="href" values="javascript:alert(1)"/><text>x</text></a></svg>',
+    '<svg><a><set attributeName="href" to="javascript:alert(1)"/><text>x</text></a></svg>',
+    '<a href="http://other.example/" referrerpolicy="unsafe-url">x</a>', '[y](https://e.org){: referrerpolicy="unsafe-url" }'])
+def test_comments_attr_lists_svg_animations_and_referrer_policies_are_defused(serve, markdown_text):
+    client = serve({"n.md": f"before\n\n{markdown_text}\n\nafter\n"})
+    article = client.get("/n.md").text.split("<article>", 1)[1].split("</article>", 1)[0]
+    for tag, name, value in tags_and_attributes(article):
+        assert not name.startswith("on") and name != "referrerpolicy", (tag, name)
+        assert not re.sub(r"[\x00-\x20]", "", value or "").lower().startswith("javascript:"), (tag, name, value)
+    assert "before" in article and "after" in article
+
+
+def test_a_keyed_link_framed_by_another_site_is_refused_uncounted(serve):
+    client = serve(NOTES, clock=FakeClock())
+    framed = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "iframe"}
+    for n in range(15):
+        assert client.get(f"/plain.md?access_key=x{n}", headers=framed).status == 403
+    linked = {"Sec-Fetch-Site": "cross-site", "Sec-Fetch-Mode": "navigate", "Sec-Fetch-Dest": "document"}
+    assert client.get("/private.md?access_key=1234", headers=linked).status == 200
+
+
+def test_no_reload_poll_with_a_key_that_opens_nothing_and_a_429_stops_it(serve):
+    client = serve(NOTES)
+    assert "data-etag" not in client.get("/plain.md?access_key=nothing").text
+    assert "data-etag" in client.get("/private.md?access_key=1234").text
+    assert "if(r.status==429)clearInterval(i)" in mdserve.RELOAD_SCRIPT
+
+
+def test_a_page_includes_twenty_notes_at_most(serve):
+    files = {"A.md": "# A\n\n" + "![[B]]\n\n" * 25, "B.md": "# B\n\n" + "![[C]]\n\n" * 25,
+             "C.md": "# C\n\n" + "words " * 200 + "\n"}
+    client = serve(files)
+    started = time.monotonic()
+    response = client.get("/A.md")
+    assert response.status == 200 and time.monotonic() - started < 3
+    assert response.text.count('<div class="embed">') == 20 and len(response.body) < 400_000
+
+
+def test_a_private_note_neither_shows_nor_shadows_through_a_wiki_link(serve):
+    client = serve({"Shadow.md": "password: k\n# Private shadow\n", "sub/Shadow.md": "# Public shadow\n",
+                    "page.md": "[[Shadow]] and [[secret.txt]]\n", "secret.txt": "password: t\nfile secret\n",
+                    "hidden/only.md": "password: k\n# Only private\n"})
+    keyless = main_of(client.get("/page.md"))
+    assert 'href="/sub/Shadow.md"' in keyless and 'href="/secret.txt' not in keyless
+    opened = main_of(client.get("/page.md?access_key=k"))
+    assert 'href="/Shadow.md?access_key=k"' in opened
+    for path in ["/hidden", "/hidden/", "/hidden/?q=x"]:   # a folder of private notes is not there at all
+        assert client.get(path).status == 404
+    assert client.get("/nothing-here/").status == 404
+    assert client.get("/hidden/?access_key=k").status == 200
+
+
+def test_a_right_key_for_a_private_file_is_no_guess(serve):
+    client = serve({"secret.txt": "password: t\nfile secret\n"}, clock=FakeClock())
+    for _ in range(15):
+        response = client.get("/secret.txt?access_key=t")
+        assert response.status == 200 and response.text == "file secret\n"
+
+
+def test_a_key_with_a_semicolon_is_redacted_whole(serve):
+    client = serve(NOTES)
+    client.get("/plain.md?access_key=hunter;2xyz")
+    log = client.log_text()
+    assert "hunter" not in log and "2xyz" not in log and "access_key=***" in log
+
+
+def test_a_comment_cut_by_the_snippet_window_does_not_show(serve):
+    client = serve({"n.md": "# N\n\n" + "filler words here. " * 30 + "budget %% hidden: salary of Bob is 123k "
+                            + "more hidden words " * 40 + "%% end\n"})
+    client.settle()
+    main = main_of(client.get("/?q=budget"))
+    assert "n.md" in main and "salary" not in main and "%%" not in main
