@@ -1184,8 +1184,8 @@ class BareLinks(Treeprocessor):
             if match.start() < position:
                 continue
             url = trim_url(match.group(0))
-            if not re.match(r"(?:https?://|www\.)[\w-]+(?:\.[\w-]+)", url) and "@" not in url:
-                continue  # GFM wants a domain, with a dot: "https://" alone or "www.x" is text
+            if not re.match(r"(?:https?://|www\.)[\w-]", url) and "@" not in url:
+                continue  # a domain must follow, as cmark-gfm (GitHub's renderer) wants: "https://" alone is text
             pieces.append(text[position:match.start()])
             href = url if "://" in url else f"mailto:{url}" if "@" in url and "/" not in url else "http://" + url
             link = etree.Element("a", {"href": href})
