@@ -17,7 +17,7 @@ machine.  Public notes, and files such as images, are readable by anyone who can
 the server.
 """
 
-__version__ = "1.0"
+__version__ = "1.1"
 __all__ = ["NoteServer", "NoteHandler", "make_server", "main"]
 
 import argparse
