@@ -1402,6 +1402,8 @@ class Linker:
             kind, real, status = locate(handler.server.root, quote_url("/" + target), handler.server.forbidden)
         except HTTPError:
             return None
+        if kind == "folder":  # a note that became a folder since it was indexed
+            return None
         if kind == "file":  # a file whose first line is a password line is as private as a note
             password = password_in(real)
             return target, real, kind, None if password is None else Note(target, password, None, 0, 0)
