@@ -337,22 +337,30 @@ def plain_text(markdown_text):
 def first_heading(text):
     """Return the plain text of the first level-1 heading outside code blocks, or None: a
     note's title (its first '## Section' is not; that is how GitHub and Obsidian see it)."""
-    fence, previous = None, ""
-    for line in text.split("\n", 400)[:400]:
+    previous = ""
+    for line in outside_fences(text.split("\n", 400)[:400]):
         stripped = line.strip()
-        if fence:
-            fence = None if stripped.startswith(fence) and not stripped.strip(fence[0]) else fence
-        elif stripped.startswith(("```", "~~~")):
-            fence = stripped[:3]
-        elif not line.startswith("    "):
-            if stripped.startswith(("# ", "#\t")):
-                return plain_text(heading_text(stripped[1:])).strip() or None
-            if previous and re.fullmatch(r"=+", stripped):
-                return plain_text(previous).strip() or None
-            previous = stripped if stripped and not re.match(r"[-*+>#|]|\d+[.)]", stripped) else ""
+        if line.startswith("    "):
+            previous = ""
             continue
-        previous = ""
+        if stripped.startswith(("# ", "#\t")):
+            return plain_text(heading_text(stripped[1:])).strip() or None
+        if previous and re.fullmatch(r"=+", stripped):
+            return plain_text(previous).strip() or None
+        previous = stripped if stripped and not re.match(r"[-*+>#|]|\d+[.)]", stripped) else ""
     return None
+
+
+def outside_fences(lines):
+    """Yield the lines, each line of a fenced code block (fences included) as an empty one."""
+    fence = None
+    for line in lines:
+        stripped = line.lstrip()
+        if fence is None and stripped.startswith(("```", "~~~")):
+            fence, line = stripped[:3], ""
+        elif fence is not None:
+            fence, line = (None if stripped.startswith(fence) and not stripped.strip().strip(fence[0]) else fence), ""
+        yield line
 
 
 def read_whole(file, limit):
@@ -876,9 +884,9 @@ class GitHubBlocks(Preprocessor):
         if any(container.quote for container in self.stack[keep:]):
             self.quote_closed = keep
         del self.stack[keep:]
-        quotes = ">" * sum(1 for container in self.stack if container.quote)
-        if self.out and self.out[-1].startswith(">") and not self.out[-1].strip(">") and self.out[-1] != quotes:
-            self.out[-1] = quotes  # the closed quote's last line was blank: it is not the quote's any more
+        blank = self.blank_line()
+        if self.out and self.out[-1].startswith(">") and not self.out[-1].strip(">") and self.out[-1] != blank:
+            self.out[-1] = blank  # the closed quote's last line was blank: it is not the quote's any more
 
     def close_leaf(self):
         """Finish the leaf block being read: code, math and HTML go to the stash."""
@@ -896,7 +904,7 @@ class GitHubBlocks(Preprocessor):
         elif kind == "math":
             self.stash(f'<div class="math">{html.escape(chr(10).join(lines))}</div>')
         else:
-            self.stash(clean_html(refuse_tags("\n".join(lines))), block=not self.in_item())
+            self.stash(clean_html("\n".join(lines)), block=not self.in_item())  # refused tags become text there
 
     def stash(self, html_text, block=True):
         """Put HTML in the stash and its placeholder in the text, as a block of its own
@@ -910,10 +918,13 @@ class GitHubBlocks(Preprocessor):
         if not tight and block:
             self.emit_blank()
 
+    def blank_line(self):
+        """Return an empty line in the current containers: a '>' for each quote."""
+        return ">" * sum(1 for container in self.stack if container.quote)
+
     def emit_blank(self):
         """Write an empty line in the current containers (a quote keeps its '>')."""
-        quotes = sum(1 for c in self.stack if c.quote)
-        line = ">" * quotes
+        line = self.blank_line()
         if self.out and self.out[-1] == line:
             return
         self.out.append(line)
@@ -1067,18 +1078,20 @@ class BlockIds(Treeprocessor):
                 previous = element
 
 
+SIZE = re.compile(r"(\d+)(?:x(\d+))?")  # an image's width, or widthxheight (Obsidian's "|300x200")
+
+
 class ImageSizes(Treeprocessor):
     """![alt|300](src) and ![300x200](src) size an image, as in Obsidian."""
-    SIZE = re.compile(r"(?:(.*)\|)?(\d+)(?:x(\d+))?")
-
     def run(self, root):
         for image in root.iter("img"):
-            size = self.SIZE.fullmatch(image.get("alt", "").strip())
+            alt, _, option = image.get("alt", "").rpartition("|")
+            size = SIZE.fullmatch(option.strip())
             if size:
-                image.set("alt", (size.group(1) or "").strip())
-                image.set("width", size.group(2))
-                if size.group(3):
-                    image.set("height", size.group(3))
+                image.set("alt", alt.strip())
+                image.set("width", size.group(1))
+                if size.group(2):
+                    image.set("height", size.group(2))
 
 
 class TaskLists(Treeprocessor):
@@ -1172,11 +1185,15 @@ class BareLinks(Treeprocessor):
         for child in list(element):
             if child.tag not in self.SKIP:
                 self.linkify(child)
-            if child.tail and ("://" in child.tail or "www." in child.tail or "@" in child.tail):
+            if self.may_link(child.tail):
                 self.split(element, child, child.tail, tail=True)
-        if element.tag not in self.SKIP and element.text and \
-                ("://" in element.text or "www." in element.text or "@" in element.text):
+        if element.tag not in self.SKIP and self.may_link(element.text):
             self.split(element, None, element.text, tail=False)
+
+    @staticmethod
+    def may_link(text):
+        """A cheap look before the regexes: most text holds no address at all."""
+        return bool(text) and ("://" in text or "www." in text or "@" in text)
 
     def split(self, parent, child, text, tail):
         pieces, position, links = [], 0, []
@@ -1359,7 +1376,6 @@ EMBED_BUDGET = 20      # notes included in one page at most: past that, links
 IMAGE_FILES = (".png", ".jpg", ".jpeg", ".gif", ".webp", ".svg", ".bmp", ".avif", ".ico")
 AUDIO_FILES = (".mp3", ".wav", ".ogg", ".oga", ".m4a", ".flac", ".opus")
 VIDEO_FILES = (".mp4", ".webm", ".ogv", ".mov", ".mkv")
-SIZE = re.compile(r"(\d+)(?:x(\d+))?")
 
 
 class Linker:
@@ -1413,7 +1429,7 @@ class Linker:
         """Return the HTML of a wiki link: a link to the note (and heading or block), or the
         link's text as written, marked as broken."""
         if found is None or (found[3] is not None and not may_open(found[3].password, self.key)):
-            return f'<span class="broken" title="No note named {html.escape(name)}">{written}</span>'
+            return broken(written, f"No note named {name}")
         target, _, _, note = found
         key = self.handler.key_query() if note is not None and note.password is not None else ""
         href = ("" if not name.strip() else "/" + quote_url(target) + key) + fragment(anchor)
@@ -1426,13 +1442,13 @@ class Linker:
         if found is None:
             if self.key is not None and self.index.find(name, rel.rpartition("/")[0], private_too=True):
                 self.handler.refused = True  # a private note by that name: including it is asking for it
-            return f'<span class="broken" title="Nothing to embed by that name">{written}</span>', False
+            return broken(written, "Nothing to embed by that name"), False
         target, real, kind, note = found
         source = html.escape("/" + quote_url(target))
         if note is not None and not may_open(note.password, self.key):
             if self.key is not None:
                 self.handler.refused = True  # including a private note is asking for it
-            return f'<span class="broken" title="Nothing to embed by that name">{written}</span>', False
+            return broken(written, "Nothing to embed by that name"), False
         key = self.handler.key_query() if note is not None and note.password is not None else ""
         if kind == "file":
             return media(source + html.escape(key), target, option), False
@@ -1444,6 +1460,11 @@ class Linker:
         body = section(article_body(article), anchor)
         body = self.resolve(body, target, depth + 1, seen)
         return f'<div class="embed"><p class="embed-title">{title}</p>{body}</div>', True
+
+
+def broken(written, why):
+    """Return a wiki link or embed that leads nowhere this request may go: its text as written."""
+    return f'<span class="broken" title="{html.escape(why)}">{written}</span>'
 
 
 def fragment(anchor):
@@ -1797,10 +1818,10 @@ class NoteIndex:
         must not shadow a public one, or its existence would show."""
         target = written.strip().replace("\\", "/")
         if target.startswith(("./", "../")):
-            path = posixpath.normpath(posixpath.join(folder, target))
-            candidates = [path, path + ".md", path + ".markdown"]
-            return next((c for c in candidates if c in self.notes or c.casefold() in self.files.get(
-                c.rpartition("/")[2].casefold(), ())), None)
+            path = posixpath.normpath(posixpath.join(folder, target)).casefold()
+            with self.lock:
+                pool = self.files.get(path.rpartition("/")[2], set()) | self.stems.get(stem_of(path), set())
+            return next((r for r in sorted(pool) if r.casefold() in (path, path + ".md", path + ".markdown")), None)
         target = target.strip("/")
         base = target.rpartition("/")[2].casefold()
         with self.lock:
@@ -1818,8 +1839,8 @@ class NoteIndex:
         return ranked[0] if ranked else None
 
     def backlinks(self, rel, key):
-        """Return [(relative path, title)] of the notes this request may open that link to
-        rel or embed it, by title."""
+        """Return [(relative path, title, is it private)] of the notes this request may open
+        that link to rel or embed it, by title."""
         known = self.notes.get(rel)
         if not is_utf8(rel):  # not in the index: nothing can be found linking to it
             return []
@@ -1837,10 +1858,11 @@ class NoteIndex:
                     note = self.notes.get(source)  # as last read: a note made private since is private now
                     if source != rel and note is not None and source not in found and may_open(note.password, key) \
                             and (target == "/" + rel or self.find(target, source.rpartition("/")[0], key) == rel):
-                        found[source] = note.title
+                        found[source] = (note.title, note.password is not None)
         finally:
             self.readers.put(db)
-        return sorted(found.items(), key=lambda item: (item[1].casefold(), item[0]))
+        return sorted(((source, title, private) for source, (title, private) in found.items()),
+                      key=lambda item: (item[1].casefold(), item[0]))
 
     def search(self, terms, tags, folder, key=None):
         """Return (relative paths of the best matches under folder, best first; None, or why
@@ -1960,7 +1982,8 @@ class NoteIndex:
 
     def tally(self, rel, note, sign):
         """Count a note in (sign 1) or out (-1) of the maps that are kept by note."""
-        self.stems[stem_of(rel)].add(rel)
+        if sign > 0:
+            self.stems[stem_of(rel)].add(rel)
         for alias in note.aliases:
             (self.aliases[alias.casefold()].add if sign > 0 else self.aliases[alias.casefold()].discard)(rel)
         opener = self.opener(note.password)
@@ -2137,16 +2160,7 @@ def without_fenced_code(text):
     """Return text without its fenced code blocks (a link or a tag in code is neither)."""
     if "```" not in text and "~~~" not in text:
         return text
-    kept, fence = [], None
-    for line in text.split("\n"):
-        stripped = line.lstrip()
-        if fence is None and stripped.startswith(("```", "~~~")):
-            fence = stripped[:3]
-        elif fence is not None and stripped.startswith(fence) and not stripped.strip(fence[0]):
-            fence = None
-        elif fence is None:
-            kept.append(line)
-    return "\n".join(kept)
+    return "\n".join(outside_fences(text.split("\n")))
 
 
 def strip_comments(text):
@@ -2570,9 +2584,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         if not sources:
             return ""
         key = self.key_query()
-        items = "".join(f'<li><a href="/{html.escape(quote_url(source))}'
-                        f'{key if self.server.index.notes[source].password is not None else ""}">'
-                        f"{html.escape(title)}</a></li>" for source, title in sources)
+        items = "".join(f'<li><a href="/{html.escape(quote_url(source))}{key if private else ""}">'
+                        f"{html.escape(title)}</a></li>" for source, title, private in sources)
         return f'<nav class="backlinks" aria-label="Linked from"><h2>Linked from</h2><ul>{items}</ul></nav>'
 
     def article(self, real, rel, note):
@@ -3078,7 +3091,7 @@ class NoteServer(ThreadingHTTPServer):
     def process_request(self, request, client_address):
         # Each client gets a share of the connections, so that one address holding many idle
         # ones cannot shut out the rest; a trusted proxy speaks for many and has no share.
-        client = None if in_networks(client_address[0], self.trusted_proxies) else client_of(client_address[0])
+        client = self.share_of(client_address)
         with self.count_lock:
             busy = self.connections >= self.max_connections or \
                 (client is not None and self.per_client[client] >= self.client_share)
@@ -3104,8 +3117,15 @@ class NoteServer(ThreadingHTTPServer):
         finally:
             self.release(client_address)
 
+    def share_of(self, client_address):
+        """Return whose share of the connections one counts in: its client's, or None for a
+        trusted proxy (it speaks for many)."""
+        if self.trusted_proxies and in_networks(client_address[0], self.trusted_proxies):
+            return None
+        return client_of(client_address[0])
+
     def release(self, client_address):
-        client = None if in_networks(client_address[0], self.trusted_proxies) else client_of(client_address[0])
+        client = self.share_of(client_address)
         with self.count_lock:
             self.connections -= 1
             self.per_client[client] -= 1
@@ -3235,15 +3255,14 @@ class _Parser(argparse.ArgumentParser):
 
 def markdown_problem():
     """Return one line saying how to get a Python-Markdown this file can use, or None."""
-    get = ("python -m pip install 'markdown>={0}' (or in a venv; or apt install python3-markdown; "
-           "or run it with: uv run mdserve.py, or pipx run mdserve.py)").format(".".join(map(str, MIN_MARKDOWN)))
+    wanted = "markdown>=" + ".".join(map(str, MIN_MARKDOWN))
+    elsewhere = "or run it with: uv run mdserve.py, or pipx run mdserve.py)"
     if markdown is None:
-        return f"the markdown package is not installed. Get it with: {get}"
-    version = tuple(getattr(markdown, "__version_info__", (0, 0))[:2])
-    if version < MIN_MARKDOWN:
-        newer = ("python -m pip install --upgrade 'markdown>={0}' (or in a venv; or run it with: uv run mdserve.py, "
-                 "or pipx run mdserve.py)").format(".".join(map(str, MIN_MARKDOWN)))
-        return f"markdown {getattr(markdown, '__version__', '?')} is too old. Get a newer one with: {newer}"
+        return (f"the markdown package is not installed. Get it with: python -m pip install '{wanted}' (or in a "
+                f"venv; or apt install python3-markdown; {elsewhere}")
+    if tuple(getattr(markdown, "__version_info__", (0, 0))[:2]) < MIN_MARKDOWN:
+        return (f"markdown {getattr(markdown, '__version__', '?')} is too old. Get a newer one with: python -m pip "
+                f"install --upgrade '{wanted}' (or in a venv; {elsewhere}")  # apt's may be the old one
     return None
 
 

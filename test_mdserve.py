@@ -2368,3 +2368,11 @@ def test_a_comment_cut_by_the_snippet_window_does_not_show(serve):
     client.settle()
     main = main_of(client.get("/?q=budget"))
     assert "n.md" in main and "salary" not in main and "%%" not in main
+
+
+def test_a_relative_wiki_link_finds_its_target_in_any_case(serve):
+    client = serve({"notes/Page.md": "[[./Img/Pic.PNG]] and [[../Other Note]] and ![[./img/pic.png|40]]\n",
+                    "notes/Img/Pic.PNG": PNG, "Other Note.md": "# Other\n"})
+    main = main_of(client.get("/notes/Page.md"))
+    assert 'href="/notes/Img/Pic.PNG"' in main and 'href="/Other%20Note.md"' in main
+    assert '<img src="/notes/Img/Pic.PNG" alt="Pic.PNG" width="40">' in main
