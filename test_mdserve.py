@@ -11,7 +11,6 @@ import re
 import shutil
 import signal
 import socket
-import statistics
 import ssl
 import subprocess
 import sys
@@ -1337,13 +1336,13 @@ def test_hostile_searches_answer_in_bounded_time_and_block_nothing(serve):
     slow.start()
     started = time.monotonic()
     page = client.get("/page.md")  # resolves a wiki link while the searches run
-    assert page.status == 200 and 'href="/f7/n7.md"' in page.text and time.monotonic() - started < 2
-    slow.join(30)
+    assert page.status == 200 and 'href="/f7/n7.md"' in page.text and time.monotonic() - started < 5
+    slow.join(60)
     for query in hostile:
         started = time.monotonic()
         response = client.get("/?q=" + urllib.parse.quote(query[:999]))
         assert response.status == 200 and "<main>" in response.text, query
-        assert time.monotonic() - started < 3, query
+        assert time.monotonic() - started < 5, query  # unbounded, the first two took 40 s and 50 s
 
 
 def test_search_is_scoped_to_its_folder_in_the_index(serve):
@@ -1353,21 +1352,20 @@ def test_search_is_scoped_to_its_folder_in_the_index(serve):
     assert "f3/n3.md" in main and "f4/" not in main and "f3/n13.md" in main
 
 
-def test_keyless_search_time_does_not_depend_on_private_text(serve):
-    files = {f"p/n{n}.md": f"password: k{n}\n# P{n}\n\nzanzibar {SECRET}\n" for n in range(2000)}
+def test_keyless_search_for_private_words_answers_as_for_absent_words(serve):
+    # Whether the answer's *time* depends on private text is measured by bench_mdserve.py (row 4d);
+    # a test can only say that the bytes do not.
+    files = {f"p/n{n}.md": f"password: k{n}\n# P{n}\n\nzanzibar {SECRET}\n" for n in range(200)}
     files["public.md"] = "# Public\n\nnothing here\n"
     client = serve(files)
     client.settle()
-    times = {"zanzibar": [], "qwxyzzy": []}
-    for _ in range(15):
-        for word in times:  # interleaved, so both see the same machine
-            started = time.perf_counter()
-            response = client.get("/?q=" + word)
-            times[word].append(time.perf_counter() - started)
-            assert "No notes" in main_of(response)
-            assert_no_secret(response, SECRET, "zanzibar</mark>", "p/n")
-    ratio = statistics.median(times["zanzibar"]) / statistics.median(times["qwxyzzy"])
-    assert ratio < 2.0, times
+    present, absent = client.get("/?q=zanzibar"), client.get("/?q=qwxyzzyq")
+    assert present.status == absent.status == 200
+    assert "No notes" in main_of(present)
+    assert present.text.replace("zanzibar", "qwxyzzyq") == absent.text
+    assert present.headers["content-length"] == absent.headers["content-length"]
+    assert_no_secret(present, SECRET, "zanzibar</mark>", "p/n")
+    assert main_of(client.get("/?q=zanzibar&access_key=k7")).count("<small>p/n7.md</small>") == 1
 
 
 def test_a_note_renders_once_whatever_the_url_spelling(serve):
@@ -1383,38 +1381,55 @@ def test_a_note_renders_once_whatever_the_url_spelling(serve):
         thread.start()
     for thread in threads:
         thread.join(30)
-    assert time.monotonic() - started < 4  # one render, cut at its deadline, shared by all eight
+    assert time.monotonic() - started < 8  # one render, cut at its deadline, shared by all eight
     assert all(r.status == 200 and "[[[[" in r.text and "too long to render" in r.text for r, _ in results)
     for path in ["/big.md?x=1", "/./big.md", "/big.md", "/tags.md"]:
         started = time.monotonic()
         response = client.get(path)
-        assert response.status == 200 and time.monotonic() - started < 2.5, path
+        assert response.status == 200 and time.monotonic() - started < 8, path  # unbounded: 31 s
     client.server.cache.items.clear()  # remembered: never rendered again, even after the cache is cleared
-    started = time.monotonic()
     response = client.get("/big.md")
-    assert "too long to render" in response.text and time.monotonic() - started < 0.4
+    assert response.status == 200 and "too long to render" in response.text
     assert client.log_text().count("renders too slow") == 1
 
 
 def test_concurrent_first_views_share_one_render(serve):
     client = serve({"slowish.md": "# S\n\n" + "[" * 1500 + "\n\nend-of-note\n"})
-    barrier, times = threading.Barrier(8), []
+    barrier, bodies = threading.Barrier(8), []
 
-    def fetch():
+    def fetch(path):
         barrier.wait()
-        started = time.monotonic()
-        assert "end-of-note" in client.get("/slowish.md").text
-        times.append(time.monotonic() - started)
-    threads = [threading.Thread(target=fetch) for _ in range(8)]
+        response = client.get(path)
+        assert response.status == 200
+        bodies.append(main_of(response))
+    threads = [threading.Thread(target=fetch, args=(p,)) for p in ["/slowish.md", "/slowish", "//slowish.md", "/%73lowish.md"] * 2]
     for thread in threads:
         thread.start()
     for thread in threads:
         thread.join(60)
-    single = time.monotonic()
-    client.server.cache.items.clear()
-    client.get("/slowish.md")
-    single = time.monotonic() - single
-    assert len(times) == 8 and max(times) < 3 * single + 0.5, (times, single)
+    assert len(bodies) == 8 and len(set(bodies)) == 1 and "end-of-note" in bodies[0]
+
+
+def test_single_flight_computes_once_for_all_who_wait():
+    flight, release, calls, answers = mdserve.SingleFlight(2), threading.Event(), [], []
+
+    def compute():
+        calls.append(1)
+        release.wait(10)
+        return "rendered"
+    threads = [threading.Thread(target=lambda: answers.append(flight.run("note", compute))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    deadline = time.monotonic() + 10
+    while len(flight.running) != 1 or not calls:
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.3)  # the other seven are waiting by now, not computing
+    release.set()
+    for thread in threads:
+        thread.join(10)
+    assert calls == [1] and answers == ["rendered"] * 8 and flight.running == {}
+    assert flight.run("note", lambda: "again") == "again"  # a finished flight is not remembered
 
 
 @pytest.mark.parametrize("host", ["evil.example", "evil.example:80", "127.0.0.1.evil.example", "localhost.evil",
@@ -2117,7 +2132,7 @@ def test_a_cycle_of_embeds_stops(serve):
     started = time.monotonic()
     response = client.get("/Loop%20A.md")
     main = main_of(response)
-    assert response.status == 200 and time.monotonic() - started < 2
+    assert response.status == 200 and time.monotonic() - started < 5  # a cycle followed would never end
     assert main.count('<div class="embed">') == 1 and 'href="/Loop%20A.md">Loop A</a>' in main
 
 
@@ -2227,7 +2242,7 @@ def test_a_search_while_the_first_indexing_runs_answers_at_once_and_says_so(tmp_
         connection.request("GET", "/?q=quagga")
         response = connection.getresponse()
         body = response.read().decode()
-        assert response.status == 200 and time.monotonic() - started < 1
+        assert response.status == 200 and time.monotonic() - started < 3  # the whole first indexing takes far longer
         assert re.search(r"Indexing: [\d,]+ of [\d,]+ notes so far", body), body[-500:]
         listing = http.client.HTTPConnection("127.0.0.1", port, timeout=10)
         listing.request("GET", "/f7/")
@@ -2330,7 +2345,7 @@ def test_a_page_includes_twenty_notes_at_most(serve):
     client = serve(files)
     started = time.monotonic()
     response = client.get("/A.md")
-    assert response.status == 200 and time.monotonic() - started < 3
+    assert response.status == 200 and time.monotonic() - started < 6
     assert response.text.count('<div class="embed">') == 20 and len(response.body) < 400_000
 
 
