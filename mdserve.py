@@ -573,6 +573,7 @@ REFUSED_ATTRIBUTES = {"srcdoc", "formaction", "referrerpolicy", "ping", "http-eq
 DANGEROUS_URL = re.compile(r"(?:javascript|vbscript|livescript|data(?!:image/(?:png|gif|jpe?g|webp)[;,])):", re.I)
 HTML_TAG = re.compile(r"""<(/?)([A-Za-z][\w:-]*)((?:[^<>"']|"[^<"]*"|'[^<']*')*)>|<!--.*?-->""", re.S)  # no '<' inside:
 # linear on "<a <a <a …" (one regex call is one C call: the render watchdog cannot stop it midway)
+HTML_TAG_ONLY = re.compile(HTML_TAG.pattern.rsplit("|", 1)[0], re.S)  # for text where no comment can end
 HTML_ATTRIBUTE = re.compile(r"""([^\s"'>/=]+)(?:\s*=\s*("[^"]*"|'[^']*'|[^\s>]+))?""")
 
 BLOCK_QUOTE = re.compile(r" {0,3}> ?")
@@ -629,7 +630,7 @@ def clean_html(fragment):
     event handlers and script URLs are dropped, and a '<' that starts no well-formed tag is
     escaped, so that nothing can reach into the markup that follows."""
     out, position = [], 0
-    for match in HTML_TAG.finditer(fragment):
+    for match in html_tags(fragment):
         out.append(fragment[position:match.start()].replace("<", "&lt;"))
         position = match.end()
         closing, name = match.group(1), match.group(2)
@@ -651,6 +652,14 @@ def clean_html(fragment):
             out.append(f"<{name}{''.join(' ' + a for a in attributes)}{end}")
     out.append(fragment[position:].replace("<", "&lt;"))
     return "".join(out)
+
+
+def html_tags(fragment):
+    """HTML_TAG's matches in fragment, found in linear time: past the last "-->" no comment
+    can end, and trying one there at each "<!--" would read to the end every time."""
+    comments_end = fragment.rfind("-->") + 3 if "-->" in fragment else 0
+    yield from HTML_TAG.finditer(fragment, 0, comments_end)
+    yield from HTML_TAG_ONLY.finditer(fragment, comments_end)
 
 
 class Container:
@@ -1358,7 +1367,7 @@ def render_markdown(text):
         md = _renderers.get_nowait()
     except queue.Empty:
         # "extra" less fenced_code and md_in_html, whose work GitHubBlocks does as GitHub does it
-        extensions = ["abbr", "attr_list", "def_list", "footnotes", "tables", "toc", "sane_lists", GitHubDialect()]
+        extensions = ["abbr", "def_list", "footnotes", "tables", "toc", "sane_lists", GitHubDialect()]
         md = markdown.Markdown(extensions=extensions, extension_configs={  # unicode ids: links to headings in
             "toc": {"permalink": "#", "permalink_title": "Link to this section", "slugify": slugify_unicode}})  # any script
     body, toc, stack, headings = md.reset().convert(text), md.toc, list(md.toc_tokens), 0

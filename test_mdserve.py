@@ -293,6 +293,7 @@ def test_markdown_extensions_render(serve):
     assert 'class="footnote' in text
     assert 'id="section-two"' in text
     assert "<dl>" in text and "<abbr" in text
+    assert "here {: .klass}" in text and 'class="klass"' not in text  # GitHub and Obsidian show it as text
 
 
 def test_title_is_front_matter_else_first_level_1_heading_else_file_name(serve):
