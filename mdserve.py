@@ -66,10 +66,10 @@ try:
     from markdown.preprocessors import Preprocessor
     from markdown.treeprocessors import Treeprocessor
     from markdown.extensions.toc import slugify_unicode
-    from markdown.util import AtomicString
+    from markdown.util import AtomicString, HTML_PLACEHOLDER_RE
 except ImportError:  # no markdown, or one too old: main() says so before anything is built on these
     HashHeaderProcessor = Extension = InlineProcessor = Postprocessor = Preprocessor = Treeprocessor = object
-    SubstituteTagInlineProcessor = AtomicString = slugify_unicode = None
+    SubstituteTagInlineProcessor = AtomicString = slugify_unicode = HTML_PLACEHOLDER_RE = None
 
 try:  # Pygments is optional: code blocks are styled either way, coloured when it is there.
     from pygments import highlight as pygments_highlight
@@ -1247,12 +1247,16 @@ def trim_url(url):
 
 
 class SafeAttributes(Treeprocessor):
-    """[x](javascript:…) loses its URL, and {: onclick=…} (attr_list) its attribute: run last,
-    after every other extension has added what it adds.  The CSP is the second line of defence."""
+    """[x](javascript:…) loses its URL: run last, after every other extension has added what
+    it adds.  An HTML placeholder that ended up inside an attribute (a link title spanning an
+    HTML block's line) is dropped: Python-Markdown would put the HTML back there, inside the
+    quotes, where its own quotes could add any attribute.  The CSP is the second line of defence."""
 
     def run(self, root):
         for element in root.iter():
             for name, value in list(element.attrib.items()):
+                if "\x02" in value:
+                    element.attrib[name] = value = HTML_PLACEHOLDER_RE.sub("", value)
                 if not safe_attribute(name, value):
                     del element.attrib[name]
 

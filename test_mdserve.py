@@ -2314,7 +2314,10 @@ def test_backlinks_hide_a_note_made_private_at_once(serve):
     '![a](nope.png){: onerror="alert(1)" }', '[x](https://e.org){: href="javascript:alert(1)" }',
     '<svg><a><animate attributeName="href" values="javascript:alert(1)"/><text>x</text></a></svg>',
     '<svg><a><set attributeName="href" to="javascript:alert(1)"/><text>x</text></a></svg>',
-    '<a href="http://other.example/" referrerpolicy="unsafe-url">x</a>', '[y](https://e.org){: referrerpolicy="unsafe-url" }'])
+    '<a href="http://other.example/" referrerpolicy="unsafe-url">x</a>', '[y](https://e.org){: referrerpolicy="unsafe-url" }',
+    # an HTML block's placeholder inside a link title or an image's alt: its quotes could add attributes
+    '- [Click me](http://other.example/leak "t\n  <pre title=\' referrerpolicy=unsafe-url x=\'></pre>\n  ")',
+    '- ![a\n  <pre title=" onerror=alert(1) x="></pre>\n  ](nonexistent.png)'])
 def test_comments_attr_lists_svg_animations_and_referrer_policies_are_defused(serve, markdown_text):
     client = serve({"n.md": f"before\n\n{markdown_text}\n\nafter\n"})
     article = client.get("/n.md").text.split("<article>", 1)[1].split("</article>", 1)[0]
