@@ -114,6 +114,8 @@ TAG = r"#(?<![^\s(\[]#)([\w][\w/-]*)"  # '#' first: the regex engine then skips 
 CONTROL_CHARS = str.maketrans({c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))})
 
 # Polls its own URL (key included) with the ETag it was served with; reloads when that changes.
+# The poll runs in <head>, before the note is parsed: there no <img name="currentScript"> in a
+# note can stand in for document.currentScript (DOM clobbering) and make it reload forever.
 RELOAD_SCRIPT = (  # a 429 (a wrong key, locked out) stops it: polling on would only prolong the lock-out
     "(function(){var t=document.currentScript.dataset.etag,i=setInterval(function(){"
     "fetch(location.href,{method:'HEAD',cache:'no-store',headers:{'If-None-Match':t}})"
@@ -198,11 +200,11 @@ PAGE = """<!DOCTYPE html>
 <html lang="en"><head><meta charset="utf-8">
 <meta name="viewport" content="width=device-width, initial-scale=1">
 <meta name="referrer" content="no-referrer">
-<title>{title}</title><link rel="icon" href="{favicon}"><style>{css}</style></head>
+<title>{title}</title><link rel="icon" href="{favicon}"><style>{css}</style>{script}</head>
 <body><header><nav class="crumbs">{crumbs}</nav>
 <form role="search" action="{search_url}" method="get">{key_field}<input type="search" name="q"
  value="{query}" placeholder="Search {folder}" aria-label="Search"></form></header>
-<main>{main}</main>{script}
+<main>{main}</main>
 </body></html>
 """
 
@@ -1520,11 +1522,10 @@ def section(body, anchor):
     if not last:
         return body
     wanted = last if last.startswith("^") else slugify_unicode(plain_text(last), "-")
-    start = body.find(f' id="{html.escape(wanted)}"')
-    start = body.rfind("<", 0, start) if start >= 0 else -1
-    if start < 0:
+    element = re.search(r'<(\w+)[^<>]* id="%s"' % re.escape(html.escape(wanted)), body)  # in a tag, not in text
+    if not element:
         return body
-    tag = re.match(r"<(\w+)", body[start:]).group(1)
+    start, tag = element.start(), element.group(1)
     if re.fullmatch(r"h[1-6]", tag):
         level = int(tag[1])
         end = re.compile(r"<h[1-%d][ >]" % level).search(body, start + 1)

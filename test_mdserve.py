@@ -2336,6 +2336,13 @@ def test_a_keyed_link_framed_by_another_site_is_refused_uncounted(serve):
     assert client.get("/private.md?access_key=1234", headers=linked).status == 200
 
 
+def test_a_note_cannot_stand_in_for_the_reload_script(serve):
+    response = serve({"n.md": '# N\n\n<img src="x.png" name="currentScript" data-etag="zzz">\n'}).get("/n.md")
+    head, body = response.text.split("<body>", 1)  # the poll reads its ETag before the note's elements exist
+    assert response.status == 200 and 'data-etag="zzz"' in body and "<script" not in body
+    assert re.search(r'<script data-etag="[^"]+">', head)
+
+
 def test_no_reload_poll_with_a_key_that_opens_nothing_and_a_429_stops_it(serve):
     client = serve(NOTES)
     assert "data-etag" not in client.get("/plain.md?access_key=nothing").text
