@@ -572,6 +572,7 @@ CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)[^\n]{0,2000}?(?<!`)\1(?!`)")  # a run's
 # a Referer (referrerpolicy overrides the page's no-referrer).  Any attribute whose value is
 # a script URL goes too: SVG animations set an href from "values", "to" or "from".
 REFUSED_ATTRIBUTES = {"srcdoc", "formaction", "referrerpolicy", "ping", "http-equiv"}
+OUR_ATTRIBUTES = {"data-wiki", "data-embed", "data-text"}  # wiki-link placeholders: never from a note's HTML
 DANGEROUS_URL = re.compile(r"(?:javascript|vbscript|livescript|data(?!:image/(?:png|gif|jpe?g|webp)[;,])):", re.I)
 HTML_TAG = re.compile(r"""<(/?)([A-Za-z][\w:-]*)((?:[^<>"']|"[^<"]*"|'[^<']*')*)>|<!--.*?-->""", re.S)  # no '<' inside:
 # linear on "<a <a <a …" (one regex call is one C call: the render watchdog cannot stop it midway)
@@ -647,7 +648,7 @@ def clean_html(fragment):
             for attribute in HTML_ATTRIBUTE.finditer(match.group(3)):
                 name_as_written, value = attribute.group(1), attribute.group(2)
                 value = value[1:-1] if value and value[0] in "\"'" else value
-                if safe_attribute(name_as_written, value):
+                if safe_attribute(name_as_written, value) and name_as_written.lower() not in OUR_ATTRIBUTES:
                     attributes.append(name_as_written if value is None else
                                       f'{name_as_written}="{html.escape(html.unescape(value))}"')
             end = "/>" if match.group(3).rstrip().endswith("/") else ">"

@@ -2128,6 +2128,19 @@ def test_embeds_and_backlinks_cannot_be_used_to_guess_keys(serve, key):
     assert client.get("/Secret.md?access_key=opensesame").status == 429
 
 
+def test_note_html_that_looks_like_our_placeholders_or_ids_is_no_500(serve):
+    client = serve({"target.md": '# T\n\n*a* id="foo" here\n\n## Foo\n\nfoo-section\n',
+                    "emb.md": "# E\n\n![[target#foo]]\n", "public.md": "# P\n",
+                    "fake.md": '# F\n\n[[public]] <a data-text="oops">y</a> <a data-wiki="x" data-text="y">z</a>\n',
+                    "README.md": '[[public]] <a data-embed="x">y</a>\n'})
+    embedded = client.get("/emb.md")
+    assert embedded.status == 200 and "foo-section" in main_of(embedded) and "here" not in main_of(embedded)
+    fake = client.get("/fake.md")
+    assert fake.status == 200 and 'href="/public.md"' in fake.text and "data-wiki" not in main_of(fake)
+    listing = client.get("/")
+    assert listing.status == 200 and 'href="/public.md"' in listing.text and "data-embed" not in listing.text
+
+
 def test_a_cycle_of_embeds_stops(serve):
     client = serve(VAULT)
     started = time.monotonic()
