@@ -2452,8 +2452,8 @@ class NoteHandler(BaseHTTPRequestHandler):
         if not url_path.startswith("/"):
             raise HTTPError(400, "The request target must be a path.")
         self.query = query_params(query)
-        self.key = self.query.get("access_key")
-        self.url_path = url_path
+        self.key = self.query.get("access_key") or None  # an empty key opens nothing, not even
+        self.url_path = url_path                               # a note whose empty password locks it
         if self.key is not None:
             self.count_guess()
         kind, real, status, note = self.resolve(url_path)

@@ -384,11 +384,17 @@ def test_key_is_case_sensitive(serve):
 
 @pytest.mark.parametrize("content", ["password:\n# Locked\n" + SECRET, "password:   \r\n" + SECRET])
 def test_empty_password_locks_for_everyone(serve, content):
-    client = serve({"locked.md": content})
-    for path in ["/locked", "/locked?access_key=", "/locked?access_key=%20"]:
+    client = serve({"locked.md": content, "lockdir/only.md": content, "open.md": "# Open\n"})
+    client.settle()
+    for path in ["/locked", "/locked?access_key=", "/locked?access_key=%20", "/lockdir/only.md?access_key="]:
         response = client.get(path)
         assert response.status == 403
         assert_no_secret(response, SECRET)
+    for path in ["/?access_key=", "/?q=locked&access_key=", "/lockdir/?access_key="]:  # a folder of such notes
+        response = client.get(path)                                                 # stays out of sight
+        assert "lockdir" not in main_of(response) if response.status == 200 else response.status == 404
+        assert_no_secret(response, SECRET, "Locked")
+    assert client.get("/lockdir/?access_key=").status == 404
 
 
 @pytest.mark.parametrize("first_line", ["password: 1234\r\n", "\ufeffpassword: 1234\n", "Password: 1234\n",
