@@ -105,7 +105,9 @@ KNOWN_METHODS = {"POST", "PUT", "DELETE", "PATCH", "OPTIONS", "TRACE", "CONNECT"
 PASSWORD_LINE = re.compile(r"password:(.*)", re.IGNORECASE)
 REFUSED_PATH = re.compile(r"(^|/)\.(?!/|$)|[\\\0]")   # a dot-name, '..', a backslash or a NUL
 HTTP_VERSION = re.compile(r"HTTP/\d\.\d")
-VALUE_END = re.compile(r"[&\s]")   # as query_params splits: a ';' is part of a key
+# Where a key ends in a log line: at the next parameter, as query_params splits (a ';' is part
+# of a key), or at the end of the request line, even one a space inside the key made bad.
+VALUE_END = re.compile(r'&|\s+HTTP/\d|"(?=\s\d{3}\s)')
 KEY_IN_LOG = re.compile(r"([?&;])([^=&;\s]*)=([^&\s]*)")
 # [[target#anchor|label]]; in a table the bar is written \| (Obsidian's rule), so a '\' before it is no name's
 WIKI_LINK = r"(!?)\[\[([^\[\]|\n]*?)\\?(?:\|([^\[\]\n]*))?\]\]"  # no [ inside: linear on "[[[[…"
@@ -712,15 +714,18 @@ class GitHubBlocks(Preprocessor):
             if matched == len(self.stack):
                 return self.fence_line(rest)
             self.close_leaf()
-        if self.leaf is not None and self.leaf[0] == "html":
-            if matched == len(self.stack) and rest.strip():
+        if self.leaf is not None and self.leaf[0] == "html":  # a comment or <pre> ends at its end
+            if matched == len(self.stack) and (rest.strip() or self.leaf[2]):  # marker, others at a blank
                 self.leaf[1].append(rest)
                 return self.end_html_if_done(rest)
             self.close_leaf()
         if matched < len(self.stack):
             if self.leaf == ("paragraph",) and rest.strip() and not self.starts_block(rest):
                 return self.emit(rest.lstrip())  # a lazy continuation line
+            closed, item = self.stack[matched], self.list_item(rest)
             self.close_containers(matched)
+            if closed.quote or not item or closed.marker[0].isdigit() != item[0][0].isdigit():
+                self.emit_blank()  # "- a\n---", "> a\n- b": Python-Markdown would read one block
         rest = self.open_containers(rest)
         self.leaf_line(rest)
 
@@ -897,7 +902,8 @@ class GitHubBlocks(Preprocessor):
             self.quote_closed = keep
         del self.stack[keep:]
         blank = self.blank_line()
-        if self.out and self.out[-1].startswith(">") and not self.out[-1].strip(">") and self.out[-1] != blank:
+        last = self.out[-1].replace(" ", "") if self.out else ""
+        if last.startswith(">") and not last.strip(">") and self.out[-1] != blank:
             self.out[-1] = blank  # the closed quote's last line was blank: it is not the quote's any more
 
     def close_leaf(self):
@@ -931,8 +937,15 @@ class GitHubBlocks(Preprocessor):
             self.emit_blank()
 
     def blank_line(self):
-        """Return an empty line in the current containers: a '>' for each quote."""
-        return ">" * sum(1 for container in self.stack if container.quote)
+        """Return an empty line in the current containers: a '>' for each quote, indented as
+        the list item that holds it."""
+        line, indent = "", 0
+        for container in self.stack:
+            if container.quote:
+                line, indent = line + " " * indent + ">", 0
+            elif container.started:
+                indent = container.indent
+        return line
 
     def emit_blank(self):
         """Write an empty line in the current containers (a quote keeps its '>')."""
@@ -940,24 +953,26 @@ class GitHubBlocks(Preprocessor):
         if self.out and self.out[-1] == line:
             return
         self.out.append(line)
-        for container in self.stack:
-            if not container.quote and container.started:
+        quotes = [number for number, container in enumerate(self.stack) if container.quote]
+        for container in self.stack[quotes[-1] + 1 if quotes else 0:]:  # items in the innermost quote:
+            if container.started:  # ones around it see a quote's line, not a blank one
                 container.indent = 4 * container.depth  # what follows a blank line is a block of its own
         self.block_indent = None
 
     def emit(self, content):
         """Write a line of content with the prefix Python-Markdown needs for its containers."""
-        prefix, indent = [], 0
+        prefix, indent, markers = [], 0, ""
         for container in self.stack:
-            if container.quote:
-                prefix.append("> ")
-                indent = 0
-            elif not container.started:
+            if container.quote:  # a quote in a list item is indented as the item's text ("- > a" too)
+                prefix.append(" " * indent + markers + "> ")
+                indent, markers = 0, ""
+            elif not container.started:  # "1. - a": both markers on the line, the outer first
                 container.started = True
-                indent = 4 * (container.depth - 1)
-                content = container.marker + content
+                indent = indent if markers else 4 * (container.depth - 1)
+                markers += container.marker
             else:
                 indent = container.indent
+        content = markers + content
         if self.block_indent is not None and indent < self.block_indent:
             self.emit_blank()  # a block that began indented would take this line in
         if self.block_indent is None:
@@ -999,7 +1014,8 @@ def code_block(code, info):
 
 class SpacedHeadings(HashHeaderProcessor):
     """'# Title' is a heading, '#tag' is not: GitHub wants a space after the hashes."""
-    RE = re.compile(r"(?:^|\n)(?P<level>#{1,6})(?P<header>(?:[ \t](?:\\.|[^\\#\n]|#+(?=[^#\n]))*?)?)"
+    RE = re.compile(r"(?:^|\n)(?P<level>#{1,6})(?P<header>(?:[ \t](?:\\.|[^\\#\n]|#+(?=[^#\n])"
+                    r"|(?<![ \t])#+(?=[ \t]*(?:\n|$)))*?)?)"  # "## C#": a closing run needs a space before it
                     r"(?:[ \t]#+)?[ \t]*(?:\n|$)")
 
 
@@ -1838,20 +1854,20 @@ class NoteIndex:
                 pool = self.files.get(path.rpartition("/")[2], set()) | self.stems.get(stem_of(path), set())
             return next((r for r in sorted(pool) if r.casefold() in (path, path + ".md", path + ".markdown")), None)
         target = target.strip("/")
-        base = target.rpartition("/")[2].casefold()
-        with self.lock:
-            if base in self.files:
-                pool = set(self.files[base])
-            else:
-                pool = set(self.stems.get(note_stem(base), ()))
-            if "/" in target:
-                wanted = note_stem(target.casefold())
+        base, wanted = target.rpartition("/")[2].casefold(), note_stem(target.casefold())
+        with self.lock:  # notes first (a link without an extension means a note), then other files
+            pools = [set(self.stems.get(note_stem(base), ())), set(self.files.get(base, ())),
+                     set(self.aliases.get(target.casefold(), ()))]
+            passwords = {r: self.notes[r].password for pool in pools for r in pool if r in self.notes}
+        for number, pool in enumerate(pools):
+            if "/" in target and number < 2:
                 pool = {r for r in pool if note_stem(r.casefold()) == wanted
                         or note_stem(r.casefold()).endswith("/" + wanted)}
-            seen = (lambda r: r not in self.notes or private_too or may_open(self.notes[r].password, key))
-            pool = set(filter(seen, pool)) or set(filter(seen, self.aliases.get(target.casefold(), ())))
-        ranked = sorted(pool, key=lambda r: (r.rpartition("/")[0] != folder, r.count("/"), r))
-        return ranked[0] if ranked else None
+            pool = [r for r in pool if private_too or may_open(
+                passwords[r] if r in passwords else password_in(os.path.join(self.root, r)), key)]
+            if pool:
+                return min(pool, key=lambda r: (r.rpartition("/")[0] != folder, r.count("/"), r))
+        return None
 
     def backlinks(self, rel, key):
         """Return [(relative path, title, is it private)] of the notes this request may open
@@ -2687,7 +2703,7 @@ class NoteHandler(BaseHTTPRequestHandler):
             try:
                 target, status = inspect(root, entry.path, self.server.forbidden)
                 if status and stat.S_ISDIR(status.st_mode):
-                    if index.folder_visible(relative(root, entry.path), self.key):
+                    if index.folder_visible(relative(root, target), self.key):
                         folders.append(entry.name)
                 elif status and stat.S_ISREG(status.st_mode) and entry.name.lower().endswith(NOTE_SUFFIXES):
                     note = index.note(relative(root, entry.path), target, status)
