@@ -566,7 +566,9 @@ def is_utf8(name):
 # Tags GitHub shows as text rather than run (its "tagfilter"), and a few more that a page of
 # notes has no use for: they could run script, restyle or redirect the page, or post a form.
 REFUSED_TAGS = ("script", "style", "iframe", "object", "embed", "base", "meta", "link", "form", "frame",
-                "frameset", "noscript", "title", "textarea", "xmp", "noembed", "noframes", "plaintext")
+                "frameset", "noscript", "title", "textarea", "xmp", "noembed", "noframes", "plaintext",
+                "html", "head", "body", "main", "article",      # the page's own frame: a stray </main> would end it
+                "animate", "animatemotion", "animatetransform", "set")  # SVG's way to change an href later
 REFUSED_TAG = re.compile(r"<(/?(?:%s))(?=[\s/>]|$)" % "|".join(REFUSED_TAGS), re.I)
 CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)[^\n]{0,2000}?(?<!`)\1(?!`)")  # a run's start only, a bounded reach:
 # linear on a line of backticks (one regex call is one C call: no watchdog can stop it midway)
@@ -575,6 +577,12 @@ CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)[^\n]{0,2000}?(?<!`)\1(?!`)")  # a run's
 # a script URL goes too: SVG animations set an href from "values", "to" or "from".
 REFUSED_ATTRIBUTES = {"srcdoc", "formaction", "referrerpolicy", "ping", "http-equiv"}
 OUR_ATTRIBUTES = {"data-wiki", "data-embed", "data-text"}  # wiki-link placeholders: never from a note's HTML
+# A style attribute keeps these properties only (colour, alignment, size, borders: what notes
+# use), so that no note can lay a fixed box over the page, its header and its key form.
+STYLE_PROPERTIES = re.compile(r"(?:background-)?color|background|text-align|text-decoration|font-(?:weight|style|size)"
+                              r"|(?:max-|min-)?(?:width|height)|vertical-align|float|clear|display|margin(?:-\w+)?"
+                              r"|padding(?:-\w+)?|border(?:-[\w-]+)?|list-style(?:-\w+)?|white-space|opacity")
+UNSAFE_STYLE_VALUE = re.compile(r"url\(|expression|image-set|calc|var\(|env\(|attr\(|\\|@|-\s*\.?\d", re.I)  # no fetches, escapes, overlaps
 DANGEROUS_URL = re.compile(r"(?:javascript|vbscript|livescript|data(?!:image/(?:png|gif|jpe?g|webp)[;,])):", re.I)
 HTML_TAG = re.compile(r"""<(/?)([A-Za-z][\w:-]*)((?:[^<>"']|"[^<"]*"|'[^<']*')*)>|<!--.*?-->""", re.S)  # no '<' inside:
 # linear on "<a <a <a …" (one regex call is one C call: the render watchdog cannot stop it midway)
@@ -620,6 +628,17 @@ def safe_attribute(name, value):
     return not (name.startswith("on") or name in REFUSED_ATTRIBUTES or (value and not safe_url(value)))
 
 
+def safe_style(style):
+    """Return the declarations of a style attribute that STYLE_PROPERTIES allows, or None."""
+    kept = []
+    for declaration in style.split(";"):
+        name, colon, value = declaration.partition(":")
+        name = name.strip().lower()
+        if colon and STYLE_PROPERTIES.fullmatch(name) and not UNSAFE_STYLE_VALUE.search(value):
+            kept.append(f"{name}:{value.strip()}")
+    return ";".join(kept) or None
+
+
 def is_punctuation(character):
     return not (character.isalnum() or character.isspace())
 
@@ -650,6 +669,10 @@ def clean_html(fragment):
             for attribute in HTML_ATTRIBUTE.finditer(match.group(3)):
                 name_as_written, value = attribute.group(1), attribute.group(2)
                 value = value[1:-1] if value and value[0] in "\"'" else value
+                if name_as_written.lower() == "style":
+                    value = safe_style(html.unescape(value or ""))
+                    if value is None:
+                        continue
                 if safe_attribute(name_as_written, value) and name_as_written.lower() not in OUR_ATTRIBUTES:
                     attributes.append(name_as_written if value is None else
                                       f'{name_as_written}="{html.escape(html.unescape(value))}"')

@@ -1930,6 +1930,22 @@ def test_notes_read_as_on_github(serve, markdown_text, present, absent):
         assert fragment not in article, (fragment, article)
 
 
+def test_note_html_cannot_cover_or_break_the_page(serve):
+    note = ('<div style="position:fixed;inset:0;z-index:99;background:#fff">COVER</div>\n\n'
+            '<p style="text-align:center; color: red">centred</p>\n\n'
+            '<img src="a.png" style="width:100px;margin-top:-900px;background:url(http://other.example/x)">\n\n'
+            'stray </main></article><main> tags\n\n<svg><a><animate attributeName="href" values="x;javascript:alert(1)"/>'
+            '<set attributeName="href" to="javascript:alert(1)"/><text>t</text></a></svg>\n\nafter\n')
+    response = serve({"n.md": note}).get("/n.md")
+    article = response.text.split("<article>", 1)[1].split("</article>", 1)[0]
+    assert response.status == 200 and response.text.count("<main>") == 1 and response.text.count("</main>") == 1
+    assert '<div style="background:#fff">COVER</div>' in article and 'style="text-align:center;color:red"' in article
+    assert '<img src="a.png" style="width:100px">' in article and "stray &lt;/main&gt;" in article and "after" in article
+    for tag, name, value in tags_and_attributes(article):
+        assert tag not in ("animate", "set", "main", "article"), tag
+        assert not re.search(r"position|z-index|url\(|-900", value or ""), (tag, name, value)
+
+
 def tags_and_attributes(markup):
     """Return [(tag, attribute name, value)] as html.parser reads markup (a tag with no attributes: name '')."""
     found = []
