@@ -49,6 +49,7 @@ import sys
 import tempfile
 import threading
 import time
+import unicodedata
 import urllib.parse
 import xml.etree.ElementTree as etree
 from http import HTTPStatus
@@ -65,11 +66,10 @@ try:
     from markdown.postprocessors import Postprocessor
     from markdown.preprocessors import Preprocessor
     from markdown.treeprocessors import Treeprocessor
-    from markdown.extensions.toc import slugify_unicode
     from markdown.util import AtomicString, HTML_PLACEHOLDER_RE
 except ImportError:  # no markdown, or one too old: main() says so before anything is built on these
     HashHeaderProcessor = Extension = InlineProcessor = Postprocessor = Preprocessor = Treeprocessor = object
-    SubstituteTagInlineProcessor = AtomicString = slugify_unicode = HTML_PLACEHOLDER_RE = None
+    SubstituteTagInlineProcessor = AtomicString = HTML_PLACEHOLDER_RE = None
 
 try:  # Pygments is optional: code blocks are styled either way, coloured when it is there.
     from pygments import highlight as pygments_highlight
@@ -1093,6 +1093,17 @@ class Highlights(Strikethrough):
     TAG = "mark"
 
 
+class Escapes(InlineProcessor):
+    """A backslash before any ASCII punctuation makes it text, as CommonMark says: '\\$5',
+    '\\~~not struck~~', '\\==x==', 'List\\<String>'.  Python-Markdown's own escapes cover a
+    few characters (and know where they matter, as \\| in tables); this takes the rest."""
+
+    def handleMatch(self, match, data):
+        if match.group(1) in self.md.ESCAPED_CHARS:
+            return None, None, None
+        return match.group(1), match.start(0), match.end(0)  # stashed as text: a "<" is escaped
+
+
 class Tags(InlineProcessor):
     """#tag and #nested/tag become links to a search for that tag ('#1984' is no tag: a tag
     needs a character that is not a digit)."""
@@ -1329,6 +1340,7 @@ class GitHubDialect(Extension):
         md.inlinePatterns.register(LiteralMath(r"(?<![\\$\w])\$\$?(?=[^\s$])(?:[^$\n]|\n(?!\n))+?(?<=[^\s\\])"
                                                r"\$\$?(?![$\w])", md), "math", 186)
         md.inlinePatterns.register(WikiLinks(WIKI_LINK, md), "wikilink", 183)  # before \| is unescaped
+        md.inlinePatterns.register(Escapes(r"\\([!-/:-@\[-`{-~])", md), "more_escapes", 181)  # before escape
         md.inlinePatterns.register(Tags(TAG, md), "tag", 105)  # after links: no tag inside a link's text
         md.inlinePatterns.register(Strikethrough(r"(?<!~)(~~?)(?!~)(?=\S)(.+?)(?<=\S)(?<!~)\1(?!~)", md),
                                    "strikethrough", 65)
@@ -1414,8 +1426,8 @@ def render_markdown(text):
     except queue.Empty:
         # "extra" less fenced_code and md_in_html, whose work GitHubBlocks does as GitHub does it
         extensions = ["abbr", "def_list", "footnotes", "tables", "toc", "sane_lists", GitHubDialect()]
-        md = markdown.Markdown(extensions=extensions, extension_configs={  # unicode ids: links to headings in
-            "toc": {"permalink": "#", "permalink_title": "Link to this section", "slugify": slugify_unicode}})  # any script
+        md = markdown.Markdown(extensions=extensions, extension_configs={
+            "toc": {"permalink": "#", "permalink_title": "Link to this section", "slugify": slugify}})
     body, toc, stack, headings = md.reset().convert(text), md.toc, list(md.toc_tokens), 0
     _renderers.put(md)  # only a renderer that finished cleanly is used again
     while stack:
@@ -1522,13 +1534,22 @@ def broken(written, why):
     return f'<span class="broken" title="{html.escape(why)}">{written}</span>'
 
 
+def slugify(text, separator="-"):
+    """Return a heading's id as GitHub makes it (github-slugger), so that a README's own
+    table of contents finds its headings: lower case; letters, digits and marks of any
+    script kept with '-' and '_'; other punctuation and symbols (emoji too) dropped; each
+    space a hyphen ("A & B" is "a--b")."""
+    kept = "".join(c for c in text.strip().lower() if c in "-_ " or unicodedata.category(c)[0] in "LNM")
+    return kept.replace(" ", separator)
+
+
 def fragment(anchor):
     """Return the #fragment of a page for a wiki link's anchor: a heading's id, as the toc
     extension makes it, or a block's ^id."""
     last = anchor.split("#")[-1].strip()
     if not last:
         return ""
-    return "#" + (last if last.startswith("^") else slugify_unicode(plain_text(last), "-"))
+    return "#" + (last if last.startswith("^") else slugify(plain_text(last)))
 
 
 def media(source, target, option):
@@ -1561,7 +1582,7 @@ def section(body, anchor):
     last = anchor.split("#")[-1].strip()
     if not last:
         return body
-    wanted = last if last.startswith("^") else slugify_unicode(plain_text(last), "-")
+    wanted = last if last.startswith("^") else slugify(plain_text(last))
     element = re.search(r'<(\w+)[^<>]* id="%s"' % re.escape(html.escape(wanted)), body)  # in a tag, not in text
     if not element:
         return body

@@ -1914,6 +1914,12 @@ GITHUB_CASES = [  # (markdown, fragments the page must hold, fragments it must n
     ("> quote\n- list\n", ["<blockquote><p>quote</p></blockquote><ul><li>list</li></ul>"], []),
     ("- a\n> quote\n", ["<ul><li>a</li></ul><blockquote><p>quote</p></blockquote>"], []),
     ("1. one\n  - two\n", ["<ol><li>one</li></ol><ul><li>two</li></ul>"], []),
+    ("\\$5 or \\$6, List\\<String\\>, \\~~x~~, \\==y==, \\<div>, \\\"q\\\" \\% \\: \\@ \\^ \\= \\;\n",
+     ["<p>$5 or $6, List&lt;String", "~~x~~, ==y==, &lt;div", '"q" % : @ ^ = ;</p>'], ["\\", "<del", "<mark", "<div"]),
+    ("* [Parity](#parity--hamming-code-videos)\n\n## Parity & Hamming Code (videos)\n\n## 🚀 Features\n\n"
+     "## Привет, мир\n\nsee [[#Parity & Hamming Code (videos)]]\n",   # ids as GitHub makes them
+     ['<h2 id="parity--hamming-code-videos">', '<h2 id="-features">', '<h2 id="привет-мир">',
+      'href="#parity--hamming-code-videos">Parity &amp; Hamming Code (videos)</a>'], []),
 ]
 
 
