@@ -2308,12 +2308,16 @@ def in_networks(address, networks):
     return any(ip in network for network in networks)
 
 
-def forwarded_chain(headers):
-    """Return the client addresses a proxy reports, first hop first: from X-Forwarded-For,
-    which nginx, Caddy and the like append to; only without it from Forwarded (RFC 7239).
-    A proxy that appends to one header passes the other on as the client wrote it."""
+def forwarded_chains(headers):
+    """Return the chains of client addresses a proxy may have reported, first hop first:
+    from X-Forwarded-For, which nginx, Caddy and the like append to, then from Forwarded
+    (RFC 7239).  A proxy appends to one and passes the other on as the client wrote it, and
+    which one is not said: so a guess counts against the client each of them names."""
+    chains = []
+    if "x-forwarded-for" in headers:
+        chains.append([part.strip() for part in headers["x-forwarded-for"].split(",") if part.strip()])
     forwarded = headers.get("forwarded")
-    if forwarded and "x-forwarded-for" not in headers:
+    if forwarded:
         chain = []
         for element in forwarded.split(","):
             for pair in element.split(";"):
@@ -2323,8 +2327,8 @@ def forwarded_chain(headers):
                     value = value[1:value.find("]")] if value.startswith("[") else value.rsplit(":", 1)[0] \
                         if value.count(":") == 1 else value
                     chain.append(value)
-        return chain
-    return [part.strip() for part in headers.get("x-forwarded-for", "").split(",") if part.strip()]
+        chains.append(chain)
+    return chains
 
 
 class KeyGuard:
@@ -2502,7 +2506,8 @@ class NoteHandler(BaseHTTPRequestHandler):
             self.server.in_flight.discard(self)
             if self.guesser is not None and not self.refused and (self.key_opened or
                                                                   self.server.index.opens_any(self.key)):
-                self.server.guard.forgive(self.guesser)  # a right key: nothing was guessed
+                for guesser in self.guesser:
+                    self.server.guard.forgive(guesser)  # a right key: nothing was guessed
 
     # -- request → path guard → note ------------------------------------------
 
@@ -2541,14 +2546,15 @@ class NoteHandler(BaseHTTPRequestHandler):
         another site count apart, so eleven <img> tags elsewhere cannot lock the owner out;
         those that are not a top-level navigation (images, frames, scripts, fetches; no page
         of ours may be framed anyway) are refused uncounted."""
-        self.guesser = self.client_name()
+        self.guesser = list(dict.fromkeys(client_of(address) for address in self.addresses()))
         if self.headers.get("sec-fetch-site", "none") not in ("none", "same-origin"):
             if self.headers.get("sec-fetch-mode", "navigate") != "navigate" or \
                     self.headers.get("sec-fetch-dest", "document") != "document":
                 self.guesser = None
                 raise HTTPError(403, "A key is only taken from a link you open, not from another site's page.")
-            self.guesser += " (cross-site)"
-        wait, locked_now = self.server.guard.attempt(self.guesser)
+            self.guesser = [guesser + " (cross-site)" for guesser in self.guesser]
+        counted = [self.server.guard.attempt(guesser) for guesser in self.guesser]
+        wait, locked_now = max(w for w, _ in counted), any(locked for _, locked in counted)
         if locked_now:
             self.log_message("locked out for %d s after %d wrong keys", wait, GUESS_LIMIT)
         if wait:
@@ -2556,21 +2562,24 @@ class NoteHandler(BaseHTTPRequestHandler):
             raise HTTPError(429, "Too many wrong keys from your address. Try again later.",
                             headers=[("Retry-After", str(wait))])
 
-    def client_name(self):
-        """Return who this request counts as for the lock-out (an IPv6 client by its /64)."""
-        return client_of(self.address_string())
-
     def address_string(self):
+        """Return the client's address, as the log shows it (see addresses)."""
+        return self.addresses()[0]
+
+    def addresses(self):
         """Return the client's address: the peer, or behind a trusted proxy the right-most
         address it reports that is not itself a trusted proxy (what came before that is the
-        client's own word).  From anyone else, forwarding headers are ignored."""
+        client's own word), one per forwarding header.  From anyone else, forwarding headers
+        are ignored."""
         address = self.client_address[0]
         trusted = self.server.trusted_proxies
-        if trusted and self.headers and in_networks(address, trusted):
-            chain = forwarded_chain(self.headers)
+        if not (trusted and self.headers and in_networks(address, trusted)):
+            return [address]
+        found = []
+        for chain in forwarded_chains(self.headers):
             untrusted = [hop for hop in chain if not in_networks(hop, trusted)]
-            address = untrusted[-1] if untrusted else (chain[0] if chain else address)
-        return address
+            found.append(untrusted[-1] if untrusted else (chain[0] if chain else address))
+        return found or [address]
 
     def resolve(self, url_path):
         """Return (kind, real path, stat, Note or None) for url_path, or raise HTTPError: 404 when it is

@@ -1485,6 +1485,22 @@ def test_behind_a_trusted_proxy_each_client_is_counted_apart(serve):
     assert "198.51.100.7" in client.log_text()
 
 
+def test_behind_a_proxy_that_sets_forwarded_a_client_x_forwarded_for_changes_nothing(serve):
+    client = serve(NOTES, clock=FakeClock(), trusted_proxies=["127.0.0.1"])
+    for n in range(10):  # the proxy appends to Forwarded; X-Forwarded-For is the client's own word
+        response = client.get(f"/private.md?access_key=x{n}",
+                              headers={"Forwarded": "for=198.51.100.7", "X-Forwarded-For": f"10.0.0.{n}"})
+        assert response.status == 403
+        assert_no_secret(response)
+    for forged in ["10.0.0.99", "203.0.113.50"]:
+        response = client.get("/private.md?access_key=1234",
+                              headers={"Forwarded": "for=198.51.100.7", "X-Forwarded-For": forged})
+        assert response.status == 429 and int(response.headers["retry-after"]) > 0 and SECRET not in response.text
+    both = client.get("/private.md?access_key=1234",  # both headers naming one client count once
+                      headers={"Forwarded": "for=203.0.113.8", "X-Forwarded-For": "203.0.113.8"})
+    assert both.status == 200 and SECRET in both.text
+
+
 def test_forwarded_headers_from_anyone_else_are_ignored(serve):
     client = serve(NOTES, clock=FakeClock())
     for n in range(10):
