@@ -111,6 +111,8 @@ VALUE_END = re.compile(r'&|\s+HTTP/\d|"(?=\s\d{3}\s)')
 KEY_IN_LOG = re.compile(r"([?&;])([^=&;\s]*)=([^&\s]*)")
 # [[target#anchor|label]]; in a table the bar is written \| (Obsidian's rule), so a '\' before it is no name's
 WIKI_LINK = r"(!?)\[\[([^\[\]|\n]*?)\\?(?:\|([^\[\]\n]*))?\]\]"  # no [ inside: linear on "[[[[…"
+PATH_PLACEHOLDER = re.compile(r'<(a|img)((?: [\w-]+="[^"]*")*?) data-path=""((?: [\w-]+="[^"]*")*?) '
+                              r'(href|src)="([^"]*)"')  # see VaultPaths
 WIKI_PLACEHOLDER = re.compile(r'(<p>)?<a ((?:data-(?:embed|text|wiki)="[^"]*" ?)+)>(.*?)</a>(</p>)?', re.S)
 TAG = r"#(?<![^\s(\[]#)([\w][\w/-]*)"  # '#' first: the regex engine then skips to each '#' at once
 CONTROL_CHARS = str.maketrans({c: f"\\x{c:02x}" for c in (*range(0x20), *range(0x7F, 0xA0))})
@@ -576,7 +578,7 @@ CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)[^\n]{0,2000}?(?<!`)\1(?!`)")  # a run's
 # a Referer (referrerpolicy overrides the page's no-referrer).  Any attribute whose value is
 # a script URL goes too: SVG animations set an href from "values", "to" or "from".
 REFUSED_ATTRIBUTES = {"srcdoc", "formaction", "referrerpolicy", "ping", "http-equiv"}
-OUR_ATTRIBUTES = {"data-wiki", "data-embed", "data-text"}  # wiki-link placeholders: never from a note's HTML
+OUR_ATTRIBUTES = {"data-wiki", "data-embed", "data-text", "data-path"}  # placeholders: never from a note's HTML
 # A style attribute keeps these properties only (colour, alignment, size, borders: what notes
 # use), so that no note can lay a fixed box over the page, its header and its key form.
 STYLE_PROPERTIES = re.compile(r"(?:background-)?color|background|text-align|text-decoration|font-(?:weight|style|size)"
@@ -1232,6 +1234,28 @@ class Callouts(Treeprocessor):
         quote.insert(0, heading)
 
 
+class VaultPaths(Treeprocessor):
+    """Marks links and images to a relative path ([x](Note.md), ![](pic.png)) for the Linker,
+    which finds their targets per request: Obsidian writes the shortest path that names one
+    file, often just its name, and means it from anywhere in the vault."""
+
+    def run(self, root):
+        for element in root.iter():
+            name = {"a": "href", "img": "src"}.get(element.tag)
+            value = element.get(name) if name else None
+            if value and is_relative(value):
+                attributes = list(element.attrib.items())  # the mark before href or src, in the
+                element.attrib.clear()                      # order written and in sorted order
+                element.set("data-path", "")
+                element.attrib.update(attributes)
+
+
+def is_relative(url):
+    """True for a URL that is a path from the note's folder (no scheme, host, query or /)."""
+    parts = urllib.parse.urlsplit(url)
+    return bool(parts.path) and not (parts.scheme or parts.netloc or parts.query or parts.path.startswith("/"))
+
+
 class BareLinks(Treeprocessor):
     """https://… and www.… in text become links, trailing punctuation left out (GFM's
     extended autolinks; the rules are the GFM spec's)."""
@@ -1350,7 +1374,8 @@ class GitHubDialect(Extension):
         md.treeprocessors.register(BlockIds(md), "block_ids", 28)
         md.treeprocessors.register(ImageSizes(md), "image_sizes", 16)
         md.treeprocessors.register(BareLinks(md), "bare_links", 15)
-        md.treeprocessors.register(SafeAttributes(md), "safe_attributes", 1)  # after attr_list (8), toc (5)
+        md.treeprocessors.register(VaultPaths(md), "vault_paths", 2)
+        md.treeprocessors.register(SafeAttributes(md), "safe_attributes", 1)  # after toc (5): last
         md.postprocessors.register(SafeRawHtml(md), "safe_raw_html", 35)
 
 
@@ -1458,9 +1483,38 @@ class Linker:
 
     def resolve(self, article, rel, depth=0, seen=()):
         """Return article with every placeholder in it made real, as seen from the note rel."""
+        if "data-path=" in article:  # before notes are included: theirs are seen from their own folders
+            article = PATH_PLACEHOLDER.sub(lambda match: self.path_link(match, rel), article)
         if "data-wiki=" not in article:
             return article
         return WIKI_PLACEHOLDER.sub(lambda match: self.replace(match, rel, depth, seen + (rel,)), article)
+
+    def path_link(self, match, rel):
+        """Return the start of a markdown link or image to a relative path, leading to that
+        path when it is there for this request, else to what a wiki link of that name finds
+        (Obsidian's way), else to the path as written.  Either way the URL is made absolute,
+        so that it works in a note included in another one, and an [x](Note.md#A%20B)
+        anchor becomes the heading's id."""
+        tag, attribute, written = match.group(1), match.group(4), html.unescape(match.group(5))
+        path, hash_mark, anchor = written.partition("#")
+        name = urllib.parse.unquote(path)
+        as_written = posixpath.normpath(posixpath.join("/", rel.rpartition("/")[0], name))
+        as_written += "/" if path.endswith("/") and as_written != "/" else ""
+        try:  # a folder ([docs](docs/)) is a folder, not a note that shares its name
+            is_folder = locate(self.handler.server.root, quote_url(as_written), self.handler.server.forbidden)[0] == "folder"
+        except HTTPError:
+            is_folder = False
+        found = None
+        for candidate in () if is_folder or path.endswith("/") else ("./" + name, name):
+            found = self.lookup(candidate, rel)
+            if found is not None and (found[3] is None or may_open(found[3].password, self.key)):
+                break
+            found = None
+        key = self.handler.key_query() if found and found[3] is not None and found[3].password is not None else ""
+        if " " in urllib.parse.unquote(anchor) and not anchor.startswith("^"):
+            anchor = slugify(urllib.parse.unquote(anchor))
+        href = ("/" + quote_url(found[0]) if found else quote_url(as_written)) + key + hash_mark + anchor
+        return f'<{tag}{match.group(2)}{match.group(3)} {attribute}="{html.escape(href)}"'
 
     def replace(self, match, rel, depth, seen):
         attributes = dict(re.findall(r'(data-\w+)="([^"]*)"', match.group(2)))

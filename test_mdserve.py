@@ -217,7 +217,7 @@ def test_non_ascii_and_encoded_names(serve):
 def test_relative_links_resolve_like_github(serve):
     client = serve(NOTES)
     page = client.get("/plain.md")
-    assert 'href="sub/deep.md#part"' in page.text
+    assert page.status == 200 and 'href="/sub/deep.md#part"' in page.text  # made absolute: it works when included too
     target = client.get(urllib.parse.urljoin("/plain.md", "sub/deep.md"))
     assert target.status == 200 and 'id="part"' in target.text
 
@@ -2010,7 +2010,7 @@ def test_images_keep_data_urls_and_links_keep_their_targets(serve):
     client = serve({"n.md": '<img src="data:image/png;base64,iVBORw0KGgo=" alt="dot">\n\n[ok](other.md) '
                             '<a href="https://example.org/a?b=1&amp;c=2" title="t">x</a>\n'})
     article = client.get("/n.md").text
-    assert 'src="data:image/png;base64,iVBORw0KGgo="' in article and 'href="other.md"' in article
+    assert 'src="data:image/png;base64,iVBORw0KGgo="' in article and 'href="/other.md"' in article
     assert 'href="https://example.org/a?b=1&amp;c=2"' in article
 
 
@@ -2224,6 +2224,27 @@ def test_a_linked_folder_of_private_notes_is_not_listed(serve):
     assert listing.status == 200 and "privlink" not in listing.text and "privdir" not in listing.text
     assert "open.md" in listing.text and client.get("/privlink/").status == 404
     assert "privlink/" in main_of(client.get("/?access_key=pw"))
+
+
+def test_markdown_links_to_names_are_found_as_obsidian_finds_them(serve):
+    client = serve({"sub/Deep Note.md": "# Deep\n\n## Section One\n\ntext\n", "img/pic.png": PNG,
+                    "s/Secret.md": f"password: k\n# Secret\n\n{SECRET}\n", "a/docs/in.md": "# In\n",
+                    "x/docs.md": "# Docs note\n", "e/emb.md": "# E\n\n![[n]]\n",
+                    "a/n.md": "# N\n\n[x](Deep%20Note.md) ![p](pic.png) [y](<Deep Note.md#Section One>) "
+                              "[s](Secret.md) [m](Missing.md) [d](docs/) [u](../sub/Deep%20Note.md) "
+                              "[w](https://example.org/a.md) [h](#n)\n"})
+    client.settle()
+    page = client.get("/a/n.md")
+    links = re.findall(r'(?:href|src)="([^"]*)"', page.text.split("<article>", 1)[1].split("</article>", 1)[0])
+    assert page.status == 200 and "data-path" not in page.text
+    assert links == ["#n", "/sub/Deep%20Note.md", "/img/pic.png", "/sub/Deep%20Note.md#section-one", "/a/Secret.md",
+                     "/a/Missing.md", "/a/docs/", "/sub/Deep%20Note.md", "https://example.org/a.md", "#n"], links
+    assert_no_secret(page, SECRET, "s/Secret")  # a private note by that name is not found without its key
+    assert 'href="/s/Secret.md?access_key=k"' in client.get("/a/n.md?access_key=k").text
+    embedded = client.get("/e/emb.md")  # an included note's links are found from its own folder
+    assert embedded.status == 200 and 'src="/img/pic.png"' in embedded.text and 'href="/sub/Deep%20Note.md"' in embedded.text
+    raw = serve({"r.md": '<a href="x.md" data-path="">raw</a>\n'}).get("/r.md")
+    assert raw.status == 200 and '<a href="x.md">raw</a>' in raw.text   # no placeholder from a note's own HTML
 
 
 def test_a_cycle_of_embeds_stops(serve):
