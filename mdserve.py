@@ -522,7 +522,8 @@ def note_files(root, folder, forbidden=frozenset(), others=None):
 
     Iterative, so very deep trees cannot exhaust the stack; linked folders are not
     entered, so link loops cannot trap it, and linked notes count only when they lead to a
-    note inside the folder.  Names that are not UTF-8 are left out: the index cannot hold them.
+    note inside the folder.  Names that are not UTF-8 are walked too: they are counted (a
+    folder of private notes stays hidden whatever its names), though not searchable.
     """
     stack = [folder]
     while stack:
@@ -532,7 +533,7 @@ def note_files(root, folder, forbidden=frozenset(), others=None):
         except OSError:
             continue
         for entry in entries:
-            if entry.name.startswith(".") or not is_utf8(entry.name):
+            if entry.name.startswith("."):
                 continue
             try:
                 linked = is_link(entry)
@@ -1882,8 +1883,7 @@ class NoteIndex:
         if is_current(known, status):
             return known
         note = read_note(real, self.note_limit)
-        if is_utf8(rel):  # the indexer brings the text index up to date on its next pass
-            self.remember(rel, note, 0)
+        self.remember(rel, note, 0)  # the indexer brings the text index up to date on its next pass
         return note
 
     def opener(self, password):
@@ -2064,7 +2064,8 @@ class NoteIndex:
         may not open are never read, so the time taken tells nothing of them."""
         prefix, hits = (folder + "/" if folder else ""), []
         for rel, note in sorted(self.notes.items()):
-            if not rel.startswith(prefix) or not (note.password is None or self.opener(note.password) == opener):
+            if not rel.startswith(prefix) or not (note.password is None or self.opener(note.password) == opener) \
+                    or not is_utf8(rel):  # not searchable, as with FTS5
                 continue
             if time.monotonic() > deadline:
                 return hits, "timeout"
@@ -2210,6 +2211,9 @@ class NoteIndex:
 
     def store(self, rel, note):
         """Put a note's current version in the index, and its old row out of use."""
+        if not is_utf8(rel):  # SQLite holds UTF-8 only: such a note is counted, never searched
+            self.remember(rel, note, -1)
+            return
         row, self.next_row = self.next_row, self.next_row + 1
         opener = self.opener(note.password)
         if rel in self.notes:  # a new note (every note, on the first walk) has no rows to take out
@@ -2232,6 +2236,8 @@ class NoteIndex:
 
     def unlink(self, rel):
         """Take a note's rows out of the index (its text rows stay, dead, until a rebuild)."""
+        if not is_utf8(rel):
+            return
         old = self.db.execute("SELECT row FROM notes WHERE path = ?", (rel,)).fetchall()
         for (row,) in old:
             for table in ("notes", "links", "tags"):

@@ -1724,6 +1724,26 @@ def test_a_name_that_is_not_utf8_is_listed_and_served(serve):
     assert "Traceback" not in client.log_text()
 
 
+def test_a_folder_of_private_notes_with_names_that_are_not_utf8_stays_hidden(serve):
+    client = serve({"open.md": "# Open\n", "named/ok.md": "# Fine\n"})
+    raw_root = client.root.encode()
+    os.mkdir(os.path.join(raw_root, b"d\xff"))              # a folder whose name is not UTF-8
+    os.mkdir(os.path.join(raw_root, b"named", b"inner"))   # a folder whose only note's name is not
+    for folder in (b"d\xff", b"named/inner"):
+        with open(os.path.join(raw_root, folder, b"n\xfe.md"), "wb") as f:
+            f.write(f"password: k1\n# Hidden\n{SECRET}\n".encode())
+    client.settle()
+    for path in ["/", "/named/"]:
+        listing = client.get(path)
+        assert listing.status == 200 and "d%FF" not in listing.text and "inner" not in main_of(listing)
+        assert_no_secret(listing, SECRET, "Hidden")
+    assert client.get("/d%FF/").status == 404 and client.get("/named/inner/").status == 404
+    assert client.server.index.counts()[:2] == (2, 2)   # counted, as the start-up line shows them
+    keyed = client.get("/?access_key=k1")
+    assert keyed.status == 200 and 'href="d%FF/?access_key=k1"' in keyed.text
+    assert "Traceback" not in client.log_text()
+
+
 def test_a_same_size_edit_within_one_mtime_tick_is_seen(serve):
     client = serve({"a.md": "# A\n\nversion one\n"})
     path = os.path.join(client.root, "a.md")
