@@ -7,8 +7,8 @@ Usage:  python bench_mdserve.py                  (about three minutes)
 Builds its notes in a temporary folder, starts every server on 127.0.0.1 (each in its
 own process), and drives them with wrk when it is installed (apt-get install wrk), else
 with a small built-in keep-alive client.  Each load run is `wrk -t1 -c8 -d8s`; the
-servers and the load generator share this machine's cores.  The whole run takes about
-two minutes.  Every figure is compared with a baseline from this same run.
+servers and the load generator share this machine's cores.  Every figure is compared
+with a baseline from this same run.
 """
 
 import argparse
@@ -25,11 +25,10 @@ import threading
 import time
 import http.client
 
-import markdown
-
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, HERE)
 import mdserve  # noqa: E402  (the renderer's settings are compared with a bare render)
+markdown = mdserve.markdown  # None without the package: main() says so, after --help
 
 SECONDS = 8   # as wrk -d8s
 WORDS = ("the quick brown fox jumps over lazy dog notes server markdown python cache index "
@@ -105,10 +104,14 @@ def write(path, text):
 
 # Servers and load ############################################################
 
+STARTED = []  # every server process, stopped at the end however the run ends
+
+
 def start(args, ready=r"port (\d+)|http://127\.0\.0\.1:(\d+)"):
     """Start a server process; return (process, port) once it has said its port."""
     process = subprocess.Popen([sys.executable, "-u", *args], stdout=subprocess.PIPE,
                                stderr=subprocess.DEVNULL, text=True)
+    STARTED.append(process)
     for line in process.stdout:
         match = re.search(ready, line)
         if match:
@@ -223,11 +226,22 @@ def rss_mb(pid):
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description="Benchmark mdserve against baselines from the same run.")
-    parser.add_argument("--notes", type=int, metavar="N",
-                        help="instead, measure a folder of N notes (200 a folder; try 100000)")
+    parser.add_argument("--notes", type=note_count, metavar="N",
+                        help="instead, measure a folder of N notes (200 a folder, at least 200; try 100000)")
     args = parser.parse_args(argv)
-    if args.notes:
-        return large_folder(args.notes)
+    problem = mdserve.markdown_problem()
+    if problem:
+        print(f"bench_mdserve: {problem}", file=sys.stderr)
+        return 2
+    try:
+        return large_folder(args.notes) if args.notes is not None else default_run()
+    finally:
+        for process in STARTED:  # stopped already, unless the run broke off
+            stop(process)
+
+
+def default_run():
+    """Measure the default targets (10,000 notes) against their baselines."""
     rows = []
     row = recorder(rows, "baseline")
 
@@ -384,12 +398,21 @@ def build_large(base, count):
         write(os.path.join(base, f"area{folder:03d}", f"note{n:03d}.md"), "".join(parts))
 
 
+def note_count(text):
+    """argparse type for --notes: a whole number of notes, at least one folder's 200."""
+    if not text.isdigit() or int(text) < 200:
+        raise argparse.ArgumentTypeError(f"{text!r}: give a whole number of notes, at least 200")
+    return int(text)
+
+
 def large_folder(count):
     """Measure the large-folder targets: start-up, search while and after indexing, memory."""
     rows = []
     row = recorder(rows, "target")
 
     base = tempfile.mkdtemp(prefix="mdserve-bench-large-")
+    middle, edited = divmod(count // 2, 200)  # a folder and a note that every count has
+    folder = f"area{middle:03d}"
     try:
         started = time.perf_counter()
         build_large(base, count)
@@ -411,8 +434,8 @@ def large_folder(count):
         row("the index is complete", f"{complete:.0f} s", "90 s", f"{complete / 90:.2f}x", complete <= 90)
         for name, path, limit in [("warm search, a rare word", "/?q=zebrafish", 50),
                                   ("warm search, a word in every note", "/?q=note", 250),
-                                  ("warm search, one folder of 200 notes", "/area123/?q=quick", 50),
-                                  ("listing a 200-note folder", "/area123/", 20)]:
+                                  ("warm search, one folder of 200 notes", f"/{folder}/?q=quick", 50),
+                                  ("listing a 200-note folder", f"/{folder}/", 20)]:
             took = median_ms(port, path)
             row(name, f"{took:.1f} ms", f"{limit} ms", f"{took / limit:.2f}x", took <= limit)
         time.sleep(5)
@@ -422,10 +445,11 @@ def large_folder(count):
         row("server RSS (peak while indexing)", f"{rss:.0f} MB ({peak:.0f} MB)", "300 MB", f"{max(rss, peak) / 300:.2f}x",
             max(rss, peak) <= 300)
         word = "edit" + "".join(random.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(10))
-        with open(os.path.join(base, "area042", "note007.md"), "a", encoding="utf-8") as file:
+        with open(os.path.join(base, folder, f"note{edited:03d}.md"), "a", encoding="utf-8") as file:
             file.write(f"\n{word}\n")
         started = time.perf_counter()
-        while b"area042/note007.md" not in fetch(port, f"/?q={word}")[2] and time.perf_counter() - started < 30:
+        while f"{folder}/note{edited:03d}.md".encode() not in fetch(port, f"/?q={word}")[2] and \
+                time.perf_counter() - started < 30:
             time.sleep(0.1)
         found = time.perf_counter() - started
         row("an edited note found by search", f"{found:.1f} s", "5 s", f"{found / 5:.2f}x", found <= 5)

@@ -3399,14 +3399,15 @@ class _Parser(argparse.ArgumentParser):
 
 def markdown_problem():
     """Return one line saying how to get a Python-Markdown this file can use, or None."""
-    wanted = "markdown>=" + ".".join(map(str, MIN_MARKDOWN))
+    wanted = '"markdown>=%s"' % ".".join(map(str, MIN_MARKDOWN))  # double quotes: cmd.exe reads them too
+    python = "py" if PLATFORM.name == "win32" else "python"  # what python.org's installer puts on PATH
     elsewhere = "or run it with: uv run mdserve.py, or pipx run mdserve.py)"
     if markdown is None:
-        return (f"the markdown package is not installed. Get it with: python -m pip install '{wanted}' (or in a "
+        return (f"the markdown package is not installed. Get it with: {python} -m pip install {wanted} (or in a "
                 f"venv; or apt install python3-markdown; {elsewhere}")
     if tuple(getattr(markdown, "__version_info__", (0, 0))[:2]) < MIN_MARKDOWN:
-        return (f"markdown {getattr(markdown, '__version__', '?')} is too old. Get a newer one with: python -m pip "
-                f"install --upgrade '{wanted}' (or in a venv; {elsewhere}")  # apt's may be the old one
+        return (f"markdown {getattr(markdown, '__version__', '?')} is too old. Get a newer one with: {python} -m pip "
+                f"install --upgrade {wanted} (or in a venv; {elsewhere}")  # apt's may be the old one
     return None
 
 
