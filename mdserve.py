@@ -3477,7 +3477,10 @@ def main(argv=None):
                              max_connections=args.max_connections, client_timeout=args.timeout,
                              allowed_hosts=args.allowed_host, trusted_proxies=args.trusted_proxy)
     except ssl.SSLError as error:
-        parser.error(f"cannot use the TLS certificate or key: {error.reason or error}")
+        reason = str(error.reason or error)
+        reason = ("the key is not the certificate's key" if "KEY_VALUES_MISMATCH" in reason else
+                  "one of them is not a PEM file" if "PEM lib" in reason else reason)
+        parser.error(f"cannot use the TLS certificate {args.tls_cert} with the key {args.tls_key}: {reason}")
     except OSError as error:
         parser.error(f"cannot listen on {args.bind}:{args.port}: {error.strerror or error}")
     for line in banner(server, args.bind, "https" if tls else "http"):

@@ -1011,6 +1011,23 @@ def test_tls_round_trip_and_key_file_never_served(serve, tmp_path):
 
 
 @pytest.mark.skipif(not shutil.which("openssl"), reason="no openssl to make a certificate (apt-get install openssl)")
+def test_cli_a_wrong_tls_file_is_named_in_one_line(tmp_path):
+    (tmp_path / "one").mkdir()
+    (tmp_path / "two").mkdir()
+    cert, key = make_certificate(str(tmp_path / "one"))
+    _, other_key = make_certificate(str(tmp_path / "two"))
+    garbage = tmp_path / "garbage.pem"
+    garbage.write_text("not a certificate\n")
+    os.chmod(garbage, 0o600)
+    for pair, says in [((cert, other_key), "the key is not the certificate's key"),
+                       ((str(garbage), key), "one of them is not a PEM file")]:
+        result = run_cli(str(tmp_path), "-p", "0", "--tls-cert", pair[0], "--tls-key", pair[1])
+        assert result.returncode == 2 and result.stdout == "" and "Traceback" not in result.stderr
+        assert result.stderr.strip().splitlines() == [f"mdserve: cannot use the TLS certificate {pair[0]} with the key "
+                                                      f"{pair[1]}: {says}"]
+
+
+@pytest.mark.skipif(not shutil.which("openssl"), reason="no openssl to make a certificate (apt-get install openssl)")
 def test_cli_tls_banner_says_https(tmp_path):
     cert, key = make_certificate(str(tmp_path))
     notes = tmp_path / "notes"
