@@ -1501,8 +1501,10 @@ class Linker:
         name = urllib.parse.unquote(path)
         as_written = posixpath.normpath(posixpath.join("/", rel.rpartition("/")[0], name))
         as_written += "/" if path.endswith("/") and as_written != "/" else ""
-        try:  # a folder ([docs](docs/)) is a folder, not a note that shares its name
-            is_folder = locate(self.handler.server.root, quote_url(as_written), self.handler.server.forbidden)[0] == "folder"
+        server = self.handler.server
+        try:  # a folder ([docs](docs/)) is a folder, not a note that shares its name; unless
+            kind, real, _ = locate(server.root, quote_url(as_written), server.forbidden)  # hidden
+            is_folder = kind == "folder" and self.index.folder_visible(relative(server.root, real), self.key)
         except HTTPError:
             is_folder = False
         found = None

@@ -2280,6 +2280,12 @@ def test_markdown_links_to_names_are_found_as_obsidian_finds_them(serve):
     assert 'href="/s/Secret.md?access_key=k"' in client.get("/a/n.md?access_key=k").text
     embedded = client.get("/e/emb.md")  # an included note's links are found from its own folder
     assert embedded.status == 200 and 'src="/img/pic.png"' in embedded.text and 'href="/sub/Deep%20Note.md"' in embedded.text
+    client.write("a/hidden/only.md", f"password: k\n{SECRET}\n")   # a folder of private notes is not there
+    client.write("x/hidden.md", "# Hidden is a public note too\n")    # for a request that cannot open them
+    client.write("a/h.md", "# H\n\n[h](hidden)\n")
+    client.settle()
+    assert 'href="/x/hidden.md"' in client.get("/a/h.md").text
+    assert 'href="/a/hidden"' in client.get("/a/h.md?access_key=k").text
     raw = serve({"r.md": '<a href="x.md" data-path="">raw</a>\n'}).get("/r.md")
     assert raw.status == 200 and '<a href="x.md">raw</a>' in raw.text   # no placeholder from a note's own HTML
 
