@@ -66,10 +66,10 @@ try:
     from markdown.postprocessors import Postprocessor
     from markdown.preprocessors import Preprocessor
     from markdown.treeprocessors import Treeprocessor
-    from markdown.util import AtomicString, HTML_PLACEHOLDER_RE
+    from markdown.util import AtomicString, HTML_PLACEHOLDER_RE, STX, ETX
 except ImportError:  # no markdown, or one too old: main() says so before anything is built on these
     HashHeaderProcessor = Extension = InlineProcessor = Postprocessor = Preprocessor = Treeprocessor = object
-    SubstituteTagInlineProcessor = AtomicString = HTML_PLACEHOLDER_RE = None
+    SubstituteTagInlineProcessor = AtomicString = HTML_PLACEHOLDER_RE = STX = ETX = None
 
 try:  # Pygments is optional: code blocks are styled either way, coloured when it is there.
     from pygments import highlight as pygments_highlight
@@ -110,7 +110,7 @@ HTTP_VERSION = re.compile(r"HTTP/\d\.\d")
 VALUE_END = re.compile(r'&|\s+HTTP/\d|"(?=\s\d{3}\s)')
 KEY_IN_LOG = re.compile(r"([?&;])([^=&;\s]*)=([^&\s]*)")
 # [[target#anchor|label]]; in a table the bar is written \| (Obsidian's rule), so a '\' before it is no name's
-WIKI_LINK = r"(!?)\[\[([^\[\]|\n]*?)\\?(?:\|([^\[\]\n]*))?\]\]"  # no [ inside: linear on "[[[[…"
+WIKI_LINK = r"(?<!\\)(!?)\[\[([^\[\]|\n]*?)\\?(?:\|([^\[\]\n]*))?\]\]"  # no [ inside: linear on "[[[[…"
 PATH_PLACEHOLDER = re.compile(r'<(a|img)((?: [\w-]+="[^"]*")*?) data-path=""((?: [\w-]+="[^"]*")*?) '
                               r'(href|src)="([^"]*)"')  # see VaultPaths
 WIKI_PLACEHOLDER = re.compile(r'(<p>)?<a ((?:data-(?:embed|text|wiki)="[^"]*" ?)+)>(.*?)</a>(</p>)?', re.S)
@@ -141,6 +141,7 @@ LOCK = ("<svg class='lock' viewBox='0 0 16 16' width='14' height='14' aria-label
         "<path d='M4 7V5a4 4 0 0 1 8 0v2h1v8H3V7zm2 0h4V5a2 2 0 0 0-4 0z' fill='currentColor'/>"
         "</svg>")
 
+# "main svg{overflow:hidden}" beats a note's overflow="visible": no drawing spills over the page.
 CSS = """
 :root{--fg:#1f2328;--muted:#59636e;--bg:#fff;--soft:#f6f8fa;--line:#d1d9e0;--link:#0969da;
 --mark:#fff3a3;--bad:#cf222e;color-scheme:light dark}
@@ -156,6 +157,7 @@ font-size:.9rem}
 header input{font:inherit;padding:.25rem .6rem;border:1px solid var(--line);border-radius:6px;
 background:var(--bg);color:var(--fg);width:14rem;max-width:100%}
 main{max-width:48rem;margin:0 auto;padding:1.2rem 1rem 4rem;overflow-wrap:break-word}
+main svg{overflow:hidden!important}
 a{color:var(--link);text-decoration:none}a:hover{text-decoration:underline}
 h1,h2,h3,h4,h5,h6{line-height:1.25;margin:1.5em 0 .6em}h1{font-size:2em;margin-top:.4em}
 h1,h2{border-bottom:1px solid var(--line);padding-bottom:.3em}
@@ -578,14 +580,18 @@ CODE_SPAN = re.compile(r"(?<!`)(`+)(?!`)[^\n]{0,2000}?(?<!`)\1(?!`)")  # a run's
 # Attributes that could run script, load a document into the page, or send the key away in
 # a Referer (referrerpolicy overrides the page's no-referrer).  Any attribute whose value is
 # a script URL goes too: SVG animations set an href from "values", "to" or "from".
-REFUSED_ATTRIBUTES = {"srcdoc", "formaction", "referrerpolicy", "ping", "http-equiv"}
+REFUSED_ATTRIBUTES = {"srcdoc", "formaction", "referrerpolicy", "ping", "http-equiv",
+                      "popover", "popovertarget", "popovertargetaction"}  # a popover shows above the page
 OUR_ATTRIBUTES = {"data-wiki", "data-embed", "data-text", "data-path"}  # placeholders: never from a note's HTML
 # A style attribute keeps these properties only (colour, alignment, size, borders: what notes
 # use), so that no note can lay a fixed box over the page, its header and its key form.
+# Values are plain: no function but a colour's (no url(), no min(0px - 9em)), no escapes, no
+# negative lengths (a negative margin would pull a box up over the header).
 STYLE_PROPERTIES = re.compile(r"(?:background-)?color|background|text-align|text-decoration|font-(?:weight|style|size)"
-                              r"|(?:max-|min-)?(?:width|height)|vertical-align|float|clear|display|margin(?:-\w+)?"
-                              r"|padding(?:-\w+)?|border(?:-[\w-]+)?|list-style(?:-\w+)?|white-space|opacity")
-UNSAFE_STYLE_VALUE = re.compile(r"url\(|expression|image-set|calc|var\(|env\(|attr\(|\\|@|-\s*\.?\d", re.I)  # no fetches, escapes, overlaps
+                              r"|(?:max-|min-)?(?:width|height)|vertical-align|float|clear|display|white-space"
+                              r"|(?:margin|padding)(?:-(?:top|right|bottom|left))?|list-style-type|border-radius"
+                              r"|border(?:-(?:top|right|bottom|left))?(?:-(?:width|style|color))?")
+UNSAFE_STYLE_VALUE = re.compile(r"[\\@<>]|-\s*\.?\d|(?<![\w-])(?!(?:rgba?|hsla?)\()[\w-]*\(", re.I)
 DANGEROUS_URL = re.compile(r"(?:javascript|vbscript|livescript|data(?!:image/(?:png|gif|jpe?g|webp)[;,])):", re.I)
 HTML_TAG = re.compile(r"""<(/?)([A-Za-z][\w:-]*)((?:[^<>"']|"[^<"]*"|'[^<']*')*)>|<!--.*?-->""", re.S)  # no '<' inside:
 # linear on "<a <a <a …" (one regex call is one C call: the render watchdog cannot stop it midway)
@@ -1099,12 +1105,14 @@ class Highlights(Strikethrough):
 class Escapes(InlineProcessor):
     """A backslash before any ASCII punctuation makes it text, as CommonMark says: '\\$5',
     '\\~~not struck~~', '\\==x==', 'List\\<String>'.  Python-Markdown's own escapes cover a
-    few characters (and know where they matter, as \\| in tables); this takes the rest."""
+    few characters, and those it marks as its escape does, so that it knows them later (as
+    \\| in tables).  A run of escapes is taken at once: one at a time, each starting the
+    search over, "\\*" * 50000 took 10 s."""
 
     def handleMatch(self, match, data):
-        if match.group(1) in self.md.ESCAPED_CHARS:
-            return None, None, None
-        return match.group(1), match.start(0), match.end(0)  # stashed as text: a "<" is escaped
+        marked = self.md.ESCAPED_CHARS
+        return "".join(f"{STX}{ord(c)}{ETX}" if c in marked else c for c in match.group(0)[1::2]), \
+            match.start(0), match.end(0)  # stashed as text: a "<" is escaped
 
 
 class Tags(InlineProcessor):
@@ -1365,7 +1373,7 @@ class GitHubDialect(Extension):
         md.inlinePatterns.register(LiteralMath(r"(?<![\\$\w])\$\$?(?=[^\s$])(?:[^$\n]|\n(?!\n))+?(?<=[^\s\\])"
                                                r"\$\$?(?![$\w])", md), "math", 186)
         md.inlinePatterns.register(WikiLinks(WIKI_LINK, md), "wikilink", 183)  # before \| is unescaped
-        md.inlinePatterns.register(Escapes(r"\\([!-/:-@\[-`{-~])", md), "more_escapes", 181)  # before escape
+        md.inlinePatterns.register(Escapes(r"(?:\\[!-/:-@\[-`{-~])+", md), "escapes", 181)  # before escape
         md.inlinePatterns.register(Tags(TAG, md), "tag", 105)  # after links: no tag inside a link's text
         md.inlinePatterns.register(Strikethrough(r"(?<!~)(~~?)(?!~)(?=\S)(.+?)(?<=\S)(?<!~)\1(?!~)", md),
                                    "strikethrough", 65)
@@ -1480,26 +1488,33 @@ class Linker:
 
     def __init__(self, handler):
         self.handler, self.index, self.key = handler, handler.server.index, handler.key
-        self.budget = EMBED_BUDGET
+        self.budget, self.found, self.paths = EMBED_BUDGET, {}, {}
 
     def resolve(self, article, rel, depth=0, seen=()):
         """Return article with every placeholder in it made real, as seen from the note rel."""
         if "data-path=" in article:  # before notes are included: theirs are seen from their own folders
-            article = PATH_PLACEHOLDER.sub(lambda match: self.path_link(match, rel), article)
+            article = PATH_PLACEHOLDER.sub(lambda match: self.path_tag(match, rel), article)
         if "data-wiki=" not in article:
             return article
         return WIKI_PLACEHOLDER.sub(lambda match: self.replace(match, rel, depth, seen + (rel,)), article)
 
-    def path_link(self, match, rel):
-        """Return the start of a markdown link or image to a relative path, leading to that
-        path when it is there for this request, else to what a wiki link of that name finds
-        (Obsidian's way), else to the path as written.  Either way the URL is made absolute,
-        so that it works in a note included in another one, and an [x](Note.md#A%20B)
-        anchor becomes the heading's id."""
-        tag, attribute, written = match.group(1), match.group(4), html.unescape(match.group(5))
+    def path_tag(self, match, rel):
+        """Return the start of a markdown link's or image's tag, its path made a URL (path_url)."""
+        written = match.group(5)
+        if (written, rel) not in self.paths:
+            self.paths[written, rel] = html.escape(self.path_url(html.unescape(written), rel))
+        return f'<{match.group(1)}{match.group(2)}{match.group(3)} {match.group(4)}="{self.paths[written, rel]}"'
+
+    def path_url(self, written, rel):
+        """Return where a markdown link or image to a relative path leads: to that path when it
+        is there for this request, else to what a wiki link of that name finds (Obsidian's
+        way), else to the path as written.  Either way the URL is made absolute, so that it
+        works in a note included in another one, and an [x](Note.md#A%20B) anchor becomes
+        the heading's id."""
         path, hash_mark, anchor = written.partition("#")
-        name = urllib.parse.unquote(path)
-        as_written = posixpath.normpath(posixpath.join("/", rel.rpartition("/")[0], name))
+        name = urllib.parse.unquote(path, errors="surrogateescape")  # a name that is not UTF-8 too
+        as_written = posixpath.normpath("/" + posixpath.join(rel.rpartition("/")[0], name.lstrip("/")))
+        as_written = "/" + as_written.lstrip("/")  # never "//host"
         as_written += "/" if path.endswith("/") and as_written != "/" else ""
         server = self.handler.server
         try:  # a folder ([docs](docs/)) is a folder, not a note that shares its name; unless
@@ -1516,8 +1531,7 @@ class Linker:
         key = self.handler.key_query() if found and found[3] is not None and found[3].password is not None else ""
         if " " in urllib.parse.unquote(anchor) and not anchor.startswith("^"):
             anchor = slugify(urllib.parse.unquote(anchor))
-        href = ("/" + quote_url(found[0]) if found else quote_url(as_written)) + key + hash_mark + anchor
-        return f'<{tag}{match.group(2)}{match.group(3)} {attribute}="{html.escape(href)}"'
+        return ("/" + quote_url(found[0]) if found else quote_url(as_written)) + key + hash_mark + anchor
 
     def replace(self, match, rel, depth, seen):
         attributes = dict(re.findall(r'(data-\w+)="([^"]*)"', match.group(2)))
@@ -1533,7 +1547,13 @@ class Linker:
         return (match.group(1) or "") + made + (match.group(4) or "")
 
     def lookup(self, name, rel):
-        """Return (relative path, real path, kind, Note or None) of what a link names, or None."""
+        """Return (relative path, real path, kind, Note or None) of what a link names, or None;
+        once per name in a request, however often a page repeats a link."""
+        if (name, rel) not in self.found:
+            self.found[name, rel] = self.look_up(name, rel)
+        return self.found[name, rel]
+
+    def look_up(self, name, rel):
         handler = self.handler
         target = self.index.find(name, rel.rpartition("/")[0], self.key) if name.strip() else rel
         if target is None:
@@ -2370,15 +2390,24 @@ def in_networks(address, networks):
     return any(ip in network for network in networks)
 
 
-def forwarded_chains(headers):
-    """Return the chains of client addresses a proxy may have reported, first hop first:
-    from X-Forwarded-For, which nginx, Caddy and the like append to, then from Forwarded
-    (RFC 7239).  A proxy appends to one and passes the other on as the client wrote it, and
-    which one is not said: so a guess counts against the client each of them names."""
+def is_address(text):
+    """True for an IP address written plainly (as a log line may show it)."""
+    try:
+        return bool(re.fullmatch(r"[\w:.%-]{1,64}", text)) and bool(ipaddress.ip_address(text.split("%", 1)[0]))
+    except ValueError:
+        return False
+
+
+FORWARDING_HEADERS = ("x-forwarded-for", "forwarded")  # nginx, Caddy and the like append to the first
+
+
+def forwarded_chains(headers, names):
+    """Return, for each forwarding header named, the client addresses it reports, first hop
+    first (X-Forwarded-For's list, or the for= of RFC 7239's Forwarded)."""
     chains = []
-    if "x-forwarded-for" in headers:
+    if "x-forwarded-for" in names:
         chains.append([part.strip() for part in headers["x-forwarded-for"].split(",") if part.strip()])
-    forwarded = headers.get("forwarded")
+    forwarded = headers.get("forwarded") if "forwarded" in names else None
     if forwarded:
         chain = []
         for element in forwarded.split(","):
@@ -2631,16 +2660,27 @@ class NoteHandler(BaseHTTPRequestHandler):
     def addresses(self):
         """Return the client's address: the peer, or behind a trusted proxy the right-most
         address it reports that is not itself a trusted proxy (what came before that is the
-        client's own word), one per forwarding header.  From anyone else, forwarding headers
-        are ignored."""
+        client's own word).  From anyone else, forwarding headers are ignored.
+
+        A proxy fills in one forwarding header and passes the other on as the client wrote
+        it.  Which one it fills in shows the first time a request from it lacks the other
+        one: a client can add a header, never take the proxy's away.  Until then both count
+        (a guess counts against the client each names), and after, only the proxy's."""
         address = self.client_address[0]
         trusted = self.server.trusted_proxies
         if not (trusted and self.headers and in_networks(address, trusted)):
             return [address]
-        found = []
-        for chain in forwarded_chains(self.headers):
+        present = [name for name in FORWARDING_HEADERS if name in self.headers]
+        unset = self.server.unset_headers.get(address)
+        if unset is None and len(self.server.unset_headers) < 1024:  # one entry a proxy
+            unset = self.server.unset_headers.setdefault(address, set())
+        if len(present) == 1 and unset is not None:
+            unset.update(name for name in FORWARDING_HEADERS if name not in present)
+        found, believed = [], [name for name in present if name not in (unset or ())] or present
+        for chain in forwarded_chains(self.headers, believed):
             untrusted = [hop for hop in chain if not in_networks(hop, trusted)]
-            found.append(untrusted[-1] if untrusted else (chain[0] if chain else address))
+            hop = untrusted[-1] if untrusted else (chain[0] if chain else address)
+            found.append(hop if is_address(hop) else urllib.parse.quote(hop[:64], safe=""))  # no forged log lines
         return found or [address]
 
     def resolve(self, url_path):
@@ -3172,6 +3212,7 @@ class NoteServer(ThreadingHTTPServer):
         self.per_client, self.client_share = collections.Counter(), max(1, max_connections // 4)
         self.allowed_hosts = {name.lower().rstrip(".") for name in allowed_hosts} | own_host_names()
         self.trusted_proxies = [ipaddress.ip_network(p, strict=False) for p in trusted_proxies]
+        self.unset_headers = {}  # proxy address -> the forwarding headers it was seen not to set
         self.hosts_seen = {}
         self.log, self.log_lines, self.log_lock = log or sys.stderr, collections.deque(maxlen=100000), threading.Lock()
         self.closed = threading.Event()

@@ -1502,6 +1502,31 @@ def test_behind_a_trusted_proxy_each_client_is_counted_apart(serve):
     assert "198.51.100.7" in client.log_text()
 
 
+def test_once_a_proxy_shows_which_header_it_sets_the_other_is_the_clients_word(serve):
+    client = serve(NOTES, clock=FakeClock(), trusted_proxies=["127.0.0.1"])
+    assert client.get("/plain.md", headers={"X-Forwarded-For": "203.0.113.9"}).status == 200  # no Forwarded:
+    for n in range(12):   # this proxy sets X-Forwarded-For, so a Forwarded header is the client's own
+        response = client.get(f"/private.md?access_key=bad{n}",
+                              headers={"X-Forwarded-For": "198.51.100.7", "Forwarded": "for=203.0.113.9"})
+        assert response.status == (403 if n < 10 else 429)
+        assert_no_secret(response)
+    victim = client.get("/private.md?access_key=1234", headers={"X-Forwarded-For": "203.0.113.9"})
+    assert victim.status == 200 and SECRET in victim.text   # the address named in Forwarded was not locked out
+    forged = client.get("/plain.md", headers={"X-Forwarded-For": '6.6.6.6 - - [01/Jan/2026] "GET /forged\x1b[2J'})
+    assert forged.status == 200 and "/forged" not in client.log_text() and "\x1b" not in client.log_text()
+
+
+def test_behind_a_proxy_that_sets_only_forwarded_fresh_x_forwarded_for_values_change_nothing(serve):
+    client = serve(NOTES, clock=FakeClock(), trusted_proxies=["127.0.0.1"])
+    assert client.get("/plain.md", headers={"Forwarded": "for=192.0.2.1"}).status == 200  # no X-Forwarded-For
+    for n in range(12):
+        response = client.get(f"/private.md?access_key=bad{n}",
+                              headers={"Forwarded": "for=198.51.100.8", "X-Forwarded-For": f"10.1.{n}.1"})
+        assert response.status == (403 if n < 10 else 429)
+    other = client.get("/private.md?access_key=1234", headers={"Forwarded": "for=192.0.2.1", "X-Forwarded-For": "198.51.100.8"})
+    assert other.status == 200 and SECRET in other.text
+
+
 def test_behind_a_proxy_that_sets_forwarded_a_client_x_forwarded_for_changes_nothing(serve):
     client = serve(NOTES, clock=FakeClock(), trusted_proxies=["127.0.0.1"])
     for n in range(10):  # the proxy appends to Forwarded; X-Forwarded-For is the client's own word
@@ -1969,6 +1994,7 @@ GITHUB_CASES = [  # (markdown, fragments the page must hold, fragments it must n
     ("1. one\n  - two\n", ["<ol><li>one</li></ol><ul><li>two</li></ul>"], []),
     ("\\$5 or \\$6, List\\<String\\>, \\~~x~~, \\==y==, \\<div>, \\\"q\\\" \\% \\: \\@ \\^ \\= \\;\n",
      ["<p>$5 or $6, List&lt;String", "~~x~~, ==y==, &lt;div", '"q" % : @ ^ = ;</p>'], ["\\", "<del", "<mark", "<div"]),
+    ("\\[[not a link]] and \\*not em\\*\n", ["<p>[[not a link]] and *not em*</p>"], ["<a", "<em"]),
     ("* [Parity](#parity--hamming-code-videos)\n\n## Parity & Hamming Code (videos)\n\n## 🚀 Features\n\n"
      "## Привет, мир\n\nsee [[#Parity & Hamming Code (videos)]]\n",   # ids as GitHub makes them
      ['<h2 id="parity--hamming-code-videos">', '<h2 id="-features">', '<h2 id="привет-мир">',
@@ -1994,7 +2020,10 @@ def test_note_html_cannot_cover_or_break_the_page(serve):
             '<p style="text-align:center; color: red">centred</p>\n\n'
             '<img src="a.png" style="width:100px;margin-top:-900px;background:url(http://other.example/x)">\n\n'
             'stray </main></article><main> tags\n\n<svg><a><animate attributeName="href" values="x;javascript:alert(1)"/>'
-            '<set attributeName="href" to="javascript:alert(1)"/><text>t</text></a></svg>\n\nafter\n')
+            '<set attributeName="href" to="javascript:alert(1)"/><text>t</text></a></svg>\n\n'
+            '<div style="opacity:.99;border-style:solid;border-image-source:linear-gradient(red,red);'
+            'border-image-outset:3000px;margin-top:min(0px - e*60px)">outset</div>\n\n'
+            '<button popovertarget=p>open</button><div popover id=p>over the page</div>\n\nafter\n')
     response = serve({"n.md": note}).get("/n.md")
     article = response.text.split("<article>", 1)[1].split("</article>", 1)[0]
     assert response.status == 200 and response.text.count("<main>") == 1 and response.text.count("</main>") == 1
@@ -2002,7 +2031,9 @@ def test_note_html_cannot_cover_or_break_the_page(serve):
     assert '<img src="a.png" style="width:100px">' in article and "stray &lt;/main&gt;" in article and "after" in article
     for tag, name, value in tags_and_attributes(article):
         assert tag not in ("animate", "set", "main", "article"), tag
-        assert not re.search(r"position|z-index|url\(|-900", value or ""), (tag, name, value)
+        assert not re.search(r"position|z-index|url\(|-900|image|opacity|min\(|gradient", value or ""), (tag, name, value)
+        assert not name.startswith("popover"), (tag, name)
+    assert '<div style="border-style:solid">outset</div>' in article and "main svg{overflow:hidden!important}" in response.text
 
 
 def tags_and_attributes(markup):
@@ -2269,13 +2300,14 @@ def test_markdown_links_to_names_are_found_as_obsidian_finds_them(serve):
                     "x/docs.md": "# Docs note\n", "e/emb.md": "# E\n\n![[n]]\n",
                     "a/n.md": "# N\n\n[x](Deep%20Note.md) ![p](pic.png) [y](<Deep Note.md#Section One>) "
                               "[s](Secret.md) [m](Missing.md) [d](docs/) [u](../sub/Deep%20Note.md) "
-                              "[w](https://example.org/a.md) [h](#n)\n"})
+                              "[w](https://example.org/a.md) [h](#n) [r](%2F%2Fother.example)\n"})
     client.settle()
     page = client.get("/a/n.md")
     links = re.findall(r'(?:href|src)="([^"]*)"', page.text.split("<article>", 1)[1].split("</article>", 1)[0])
     assert page.status == 200 and "data-path" not in page.text
     assert links == ["#n", "/sub/Deep%20Note.md", "/img/pic.png", "/sub/Deep%20Note.md#section-one", "/a/Secret.md",
-                     "/a/Missing.md", "/a/docs/", "/sub/Deep%20Note.md", "https://example.org/a.md", "#n"], links
+                     "/a/Missing.md", "/a/docs/", "/sub/Deep%20Note.md", "https://example.org/a.md", "#n",
+                     "/a/other.example"], links  # a path, never "//host"
     assert_no_secret(page, SECRET, "s/Secret")  # a private note by that name is not found without its key
     assert 'href="/s/Secret.md?access_key=k"' in client.get("/a/n.md?access_key=k").text
     embedded = client.get("/e/emb.md")  # an included note's links are found from its own folder
