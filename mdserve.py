@@ -2195,6 +2195,9 @@ class NoteIndex:
         with self.lock:  # names first, so wiki links resolve while the texts are still being read
             for rel, _, _ in files:
                 self.stems[stem_of(rel)].add(rel)
+            if len(attachments) != sum(map(len, self.files.values())) or \
+                    any(rel not in self.files.get(rel.rpartition("/")[2].casefold(), ()) for rel in attachments):
+                self.generation += 1  # pages link to files by name too: those cached are out of date
             self.files.clear()
             for rel in attachments:
                 self.files[rel.rpartition("/")[2].casefold()].add(rel)

@@ -2294,6 +2294,21 @@ def test_a_linked_folder_of_private_notes_is_not_listed(serve):
     assert "privlink/" in main_of(client.get("/?access_key=pw"))
 
 
+def test_a_page_linking_to_a_file_by_name_follows_the_file_when_it_moves(serve):
+    client = serve({"a/n.md": "# N\n\n[report](report.txt) and ![chart](chart.png)\n", "a/deep/report.txt": "public\n",
+                    "img/chart.png": PNG})
+    past = time.time() - 60  # not racily new: the page is cached
+    os.utime(os.path.join(client.root, "a/n.md"), (past, past))
+    client.settle()
+    first = client.get("/a/n.md")
+    assert 'href="/a/deep/report.txt"' in first.text and 'src="/img/chart.png"' in first.text
+    os.rename(os.path.join(client.root, "a/deep"), os.path.join(client.root, "a/moved"))
+    os.rename(os.path.join(client.root, "img"), os.path.join(client.root, "pictures"))
+    client.settle()
+    moved = client.get("/a/n.md", headers={"If-None-Match": first.headers["etag"]})
+    assert moved.status == 200 and 'href="/a/moved/report.txt"' in moved.text and 'src="/pictures/chart.png"' in moved.text
+
+
 def test_markdown_links_to_names_are_found_as_obsidian_finds_them(serve):
     client = serve({"sub/Deep Note.md": "# Deep\n\n## Section One\n\ntext\n", "img/pic.png": PNG,
                     "s/Secret.md": f"password: k\n# Secret\n\n{SECRET}\n", "a/docs/in.md": "# In\n",
