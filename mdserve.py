@@ -2640,15 +2640,19 @@ class NoteHandler(BaseHTTPRequestHandler):
         another site count apart, so eleven <img> tags elsewhere cannot lock the owner out;
         those that are not a top-level navigation (images, frames, scripts, fetches; no page
         of ours may be framed anyway) are refused uncounted."""
-        self.guesser = list(dict.fromkeys(client_of(address) for address in self.addresses()))
+        addresses = self.addresses()  # one, but behind a proxy not yet known two (see addresses)
+        self.guesser = [client_of(addresses[0])] if len(addresses) == 1 else \
+            list(dict.fromkeys(map(client_of, addresses)))
         if self.headers.get("sec-fetch-site", "none") not in ("none", "same-origin"):
             if self.headers.get("sec-fetch-mode", "navigate") != "navigate" or \
                     self.headers.get("sec-fetch-dest", "document") != "document":
                 self.guesser = None
                 raise HTTPError(403, "A key is only taken from a link you open, not from another site's page.")
             self.guesser = [guesser + " (cross-site)" for guesser in self.guesser]
-        counted = [self.server.guard.attempt(guesser) for guesser in self.guesser]
-        wait, locked_now = max(w for w, _ in counted), any(locked for _, locked in counted)
+        wait, locked_now = self.server.guard.attempt(self.guesser[0])
+        for guesser in self.guesser[1:]:
+            also_wait, also_locked = self.server.guard.attempt(guesser)
+            wait, locked_now = max(wait, also_wait), locked_now or also_locked
         if locked_now:
             self.log_message("locked out for %d s after %d wrong keys", wait, GUESS_LIMIT)
         if wait:
