@@ -2712,6 +2712,7 @@ class NoteHandler(BaseHTTPRequestHandler):
         note = self.note(real, status) if kind == "note" else None
         if note is not None and not may_open(note.password, self.key):
             self.refuse()
+        self.key_opened = note is not None and note.password is not None  # opened it: no guess
         return kind, real, status, note
 
     def note(self, real, status):
