@@ -1525,10 +1525,10 @@ class Linker:
         found = None
         for candidate in () if is_folder or path.endswith("/") else ("./" + name, name):
             found = self.lookup(candidate, rel)
-            if found is not None and (found[3] is None or may_open(found[3].password, self.key)):
+            if found is not None and self.opens(found[3]):
                 break
             found = None
-        key = self.handler.key_query() if found and found[3] is not None and found[3].password is not None else ""
+        key = self.key_for(found[3]) if found else ""
         if " " in urllib.parse.unquote(anchor) and not anchor.startswith("^"):
             anchor = slugify(urllib.parse.unquote(anchor))
         return ("/" + quote_url(found[0]) if found else quote_url(as_written)) + key + hash_mark + anchor
@@ -1569,13 +1569,21 @@ class Linker:
             return target, real, kind, None if password is None else Note(target, password, None, 0, 0)
         return target, real, kind, handler.note(real, status) if kind == "note" else None
 
+    def opens(self, note):
+        """True when this request may see what a link found (note: its Note, None for a public file)."""
+        return note is None or may_open(note.password, self.key)
+
+    def key_for(self, note):
+        """Return the '?access_key=…' a URL to what a link found carries: only to a private one."""
+        return self.handler.key_query() if note is not None and note.password is not None else ""
+
     def link(self, found, name, anchor, label, written):
         """Return the HTML of a wiki link: a link to the note (and heading or block), or the
         link's text as written, marked as broken."""
-        if found is None or (found[3] is not None and not may_open(found[3].password, self.key)):
+        if found is None or not self.opens(found[3]):
             return broken(written, f"No note named {name}")
         target, _, _, note = found
-        key = self.handler.key_query() if note is not None and note.password is not None else ""
+        key = self.key_for(note)
         href = ("" if not name.strip() else "/" + quote_url(target) + key) + fragment(anchor)
         shown = " > ".join(part for part in [name.strip()] + anchor.split("#") if part)
         return f'<a class="wikilink" href="{html.escape(href)}">{label or html.escape(shown)}</a>'
@@ -1589,11 +1597,11 @@ class Linker:
             return broken(written, "Nothing to embed by that name"), False
         target, real, kind, note = found
         source = html.escape("/" + quote_url(target))
-        if note is not None and not may_open(note.password, self.key):
+        if not self.opens(note):
             if self.key is not None:
                 self.handler.refused = True  # including a private note is asking for it
             return broken(written, "Nothing to embed by that name"), False
-        key = self.handler.key_query() if note is not None and note.password is not None else ""
+        key = self.key_for(note)
         if kind == "file":
             return media(source + html.escape(key), target, option), False
         title = f'<a href="{source}{html.escape(key + fragment(anchor))}">{html.escape(note.title)}</a>'
@@ -2195,12 +2203,12 @@ class NoteIndex:
         with self.lock:  # names first, so wiki links resolve while the texts are still being read
             for rel, _, _ in files:
                 self.stems[stem_of(rel)].add(rel)
-            if len(attachments) != sum(map(len, self.files.values())) or \
-                    any(rel not in self.files.get(rel.rpartition("/")[2].casefold(), ()) for rel in attachments):
-                self.generation += 1  # pages link to files by name too: those cached are out of date
-            self.files.clear()
+            by_name = collections.defaultdict(set)
             for rel in attachments:
-                self.files[rel.rpartition("/")[2].casefold()].add(rel)
+                by_name[rel.rpartition("/")[2].casefold()].add(rel)
+            if by_name != self.files:
+                self.files = by_name
+                self.generation += 1  # pages link to files by name too: those cached are out of date
         seen = {rel for rel, _, _ in files}
         for rel in [rel for rel in list(self.notes) if rel not in seen]:
             self.drop(rel)
